@@ -1,0 +1,309 @@
+"""The device actor: sole owner of the transport, guest memory and virtqueues.
+
+A pykka actor cannot block on its inbox and on eventfds at once, so this actor brings its
+own inbox (:class:`_DeviceInbox`): ``get()`` — which pykka calls on the actor's own thread —
+waits with ``poll`` on a wake-up eventfd *and* the device's call eventfds *and* the
+transport's death fd. Interrupts and daemon death turn into ordinary messages
+(``_Interrupt``, ``_DeviceDied``) handled by the same thread. So the rings are touched by
+exactly one thread, and there is no separate IRQ thread to coordinate with: the "IRQ loop"
+*is* the actor loop.
+
+Callers send :class:`codec.messages.FuseCall` with a future and wait on the future (or
+gather many): requests are pipelined up to the ring size; when the ring or guest memory
+is full, requests wait in a backlog and go out as completions free space.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import select
+from typing import Any
+
+import pykka
+from pykka._envelope import Envelope  # pykka's inbox protocol carries Envelopes
+
+from actors.channel import Completion, FuseChannel, RequestContext
+from codec import fuse_requests
+from codec.messages import DeviceStats, FuseCall
+from hw.transport import DeviceGone, VirtioTransport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceActor", "call", "call_many"]
+
+
+class _Interrupt:
+    """Synthetic message: a call eventfd fired or the used ring has entries."""
+
+
+class _DeviceDied:
+    """Synthetic message: the transport's death fd reported EOF."""
+
+
+_INTERRUPT = Envelope(_Interrupt())
+_DIED = Envelope(_DeviceDied())
+
+
+class _DeviceInbox:
+    """pykka inbox that multiplexes messages with device interrupts (see module doc)."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Envelope[Any]] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sleeping = False
+        self._poll = select.poll()
+        self._poll.register(self._wake, select.POLLIN)
+        self._call_fds: dict[int, int] = {}  # fd -> queue index
+        self._death_fd: int | None = None
+        self.idle_hook: Any = None  # called before blocking (flushes batched kicks)
+        self.ring_has_used: Any = None  # () -> bool, checked before blocking
+        self.busy_poll = False
+
+    # Producer side (any thread). The GIL orders these bytecodes, so the classic
+    # lost-wake-up race is closed by: consumer sets _sleeping, re-checks the queue, polls;
+    # producer appends, then checks _sleeping.
+    def put(self, envelope: Envelope[Any], /) -> None:
+        self._queue.append(envelope)
+        if self._sleeping:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    # Consumer side: only the device actor's thread.
+    def watch(self, call_fds: list[int], death_fd: int) -> None:
+        for index, fd in enumerate(call_fds):
+            self._call_fds[fd] = index
+            self._poll.register(fd, select.POLLIN)
+        self._death_fd = death_fd
+        self._poll.register(death_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def unwatch(self) -> None:
+        for fd in [*self._call_fds, self._death_fd]:
+            if fd is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._poll.unregister(fd)
+        self._call_fds.clear()
+        self._death_fd = None
+
+    def get(self) -> Envelope[Any]:
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            if self.ring_has_used is not None and self.ring_has_used():
+                return _INTERRUPT
+            if self.idle_hook is not None:
+                self.idle_hook()
+            self._sleeping = True
+            if self._queue:
+                self._sleeping = False
+                continue
+            events = self._poll.poll(0 if self.busy_poll else None)
+            self._sleeping = False
+            interrupted = False
+            for fd, _ in events:
+                if fd == self._wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake)
+                elif fd == self._death_fd:
+                    return _DIED
+                else:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+                    interrupted = True
+            if interrupted:
+                return _INTERRUPT
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._wake)
+
+
+class DeviceActor(pykka.ThreadingActor):
+    """Owns a transport. Messages: :class:`FuseCall`, :class:`DeviceStats`.
+
+    ``busy_poll``: spin on the used ring instead of sleeping on eventfds (lower latency,
+    burns a core). On stop it sends DESTROY (best effort) and closes the transport, which
+    stops the rings and the daemon it launched.
+    """
+
+    use_daemon_thread = True  # never keep a process alive just for the device
+
+    def __init__(self, transport: VirtioTransport, *, busy_poll: bool = False,
+                 ctx: RequestContext | None = None, destroy_timeout: float = 2.0) -> None:
+        super().__init__()
+        self.transport = transport
+        self.channel = FuseChannel(transport, ctx=ctx)
+        self.backlog: collections.deque[FuseCall] = collections.deque()
+        self.dead: DeviceGone | None = None
+        self.destroy_timeout = destroy_timeout
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _DeviceInbox)
+        inbox.busy_poll = busy_poll
+
+    @staticmethod
+    def _create_actor_inbox() -> _DeviceInbox:  # type: ignore[override]
+        return _DeviceInbox()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
+        queues = self.transport.queues
+        inbox.watch([self.transport.call_fd(i) for i in range(len(queues))],
+                    self.transport.death_fd())
+        inbox.idle_hook = self.channel.flush
+        inbox.ring_has_used = lambda: any(vq.has_used() for vq in self.transport.queues)
+
+    def on_stop(self) -> None:
+        self._shutdown()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
+        if self.dead is None:
+            self._destroy()
+        self._fail_everything(DeviceGone("virtio-fs device actor stopped"))
+        inbox.unwatch()
+        inbox.idle_hook = inbox.ring_has_used = None
+        try:
+            self.transport.close()
+        except OSError as exc:
+            log.warning("closing the transport failed: %s", exc)
+        inbox.close()
+
+    def _destroy(self) -> None:
+        """Send FUSE_DESTROY and wait briefly for its reply (the session is over)."""
+        request = fuse_requests.destroy()
+        if not self.channel.submit(request, token=request):
+            return
+        self.channel.flush()
+        fds = [self.transport.call_fd(i) for i in range(len(self.transport.queues))]
+        deadline_polls = max(1, int(self.destroy_timeout / 0.05))
+        for _ in range(deadline_polls):
+            for c in self.channel.harvest():
+                self._deliver(c)
+                if c.token is request:
+                    return
+            ready, _, _ = select.select([*fds, self.transport.death_fd()], [], [], 0.05)
+            if self.transport.death_fd() in ready and not self.transport.alive():
+                return
+
+    # -- messages ------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FuseCall):
+            self._submit(message)
+        elif isinstance(message, _Interrupt):
+            self._harvest()
+        elif isinstance(message, _DeviceDied):
+            if not self.transport.alive():
+                self._died()
+        elif isinstance(message, DeviceStats):
+            return self.stats()
+        else:
+            return super().on_receive(message)
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        ch = self.channel
+        return {
+            "requests": {int(k): v for k, v in ch.requests_sent.items()},
+            "in_flight": ch.in_flight,
+            "backlog": len(self.backlog),
+            "protocol_errors": ch.protocol_errors,
+            "bytes_free": ch.allocator.bytes_free,
+            "dead": self.dead is not None,
+        }
+
+    def _submit(self, call: FuseCall) -> None:
+        if self.dead is not None:
+            _fail(call.reply, self.dead)
+            return
+        try:
+            self.channel.check(call.request)
+        except OSError as exc:
+            _fail(call.reply, exc)
+            return
+        if self.backlog or not self._try_submit(call):
+            self.backlog.append(call)  # back-pressure: submitted as completions free room
+
+    def _try_submit(self, call: FuseCall) -> bool:
+        ctx = RequestContext(*call.ctx) if call.ctx is not None else None
+        return self.channel.submit(call.request, call.reply, sink=call.sink, ctx=ctx)
+
+    def _harvest(self) -> None:
+        for completion in self.channel.harvest():
+            self._deliver(completion)
+        while self.backlog and self._try_submit(self.backlog[0]):
+            self.backlog.popleft()
+
+    @staticmethod
+    def _deliver(c: Completion) -> None:
+        future = c.token
+        if not isinstance(future, pykka.Future):
+            return  # FORGET/DESTROY sent by the actor itself
+        if c.error is not None:
+            _fail(future, c.error)
+        else:
+            future.set(c.result)
+
+    def _died(self) -> None:
+        rc = getattr(getattr(self.transport, "daemon", None), "returncode", lambda: None)()
+        detail = "virtio-fs device died" + (f" (daemon exit status {rc})" if rc is not None else "")
+        log.error("%s; failing %d pending requests", detail,
+                  self.channel.in_flight + len(self.backlog))
+        self.dead = DeviceGone(detail)
+        # Stop watching: the dead socket would stay readable forever (a busy loop).
+        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
+        inbox.unwatch()
+        inbox.ring_has_used = None
+        self._fail_everything(self.dead)
+
+    def _fail_everything(self, exc: OSError) -> None:
+        for c in self.channel.fail_all(exc):
+            self._deliver(c)
+        while self.backlog:
+            _fail(self.backlog.popleft().reply, exc)
+
+
+def _fail(future: Any, exc: BaseException) -> None:
+    with contextlib.suppress(Exception):  # a future already completed stays as it is
+        future.set_exception((type(exc), exc, exc.__traceback__))
+
+
+def call(device: pykka.ActorRef[DeviceActor], request: Any, *, sink: Any = None,
+         ctx: tuple[int, int, int] | None = None) -> pykka.Future[Any]:
+    """Send one FUSE request to the device actor; returns a future for its decoded reply.
+
+    A stopped device fails the future with ENOTCONN instead of raising ActorDeadError.
+    """
+    future: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+    try:
+        device.tell(FuseCall(request=request, reply=future, sink=sink, ctx=ctx))
+    except pykka.ActorDeadError:
+        _fail(future, DeviceGone("virtio-fs device actor is stopped"))
+    return future
+
+
+def call_many(device: pykka.ActorRef[DeviceActor], requests: list[Any]) -> list[Any]:
+    """Pipeline ``requests`` and wait for all; raises the first error after all finished."""
+    futures = [call(device, r) for r in requests]
+    results: list[Any] = []
+    first: BaseException | None = None
+    for f in futures:
+        try:
+            results.append(f.get())
+        except Exception as exc:
+            first = first or exc
+            results.append(None)
+    if first is not None:
+        raise first
+    return results
+

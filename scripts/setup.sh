@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian/Ubuntu: a virtiofsd binary, a virtual environment in .venv,
+# and this project installed into it (editable, with the test extra). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+find_virtiofsd() {
+    local p
+    for p in "${PYVIRTIOFS_VIRTIOFSD:-}" "$(command -v virtiofsd 2>/dev/null || true)" \
+             /usr/libexec/virtiofsd /usr/lib/qemu/virtiofsd; do
+        if [ -n "$p" ] && [ -x "$p" ]; then echo "$p"; return 0; fi
+    done
+    return 1
+}
+
+if ! find_virtiofsd >/dev/null; then
+    echo "setup: no virtiofsd found, installing one" >&2
+    apt_updated=""
+    $SUDO apt-get update -qq; apt_updated=1
+    # Newer releases ship the Rust daemon as its own package; Debian 12 has QEMU's C one.
+    if apt-cache policy virtiofsd 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        apt_install virtiofsd
+    else
+        apt_install qemu-system-common
+    fi
+    find_virtiofsd >/dev/null || { echo "setup: could not install virtiofsd" >&2; exit 1; }
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup: Python >= 3.11 is required ($PY is too old or missing)" >&2; exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -m venv .venv 2>/dev/null; then
+        rm -rf .venv
+        apt_install python3-venv
+        "$PY" -m venv .venv
+    fi
+fi
+stamp=.venv/.pyvirtiofs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+echo "setup: ready (virtiofsd: $(find_virtiofsd))" >&2
