@@ -65,10 +65,12 @@ class _HandleActor(pykka.ThreadingActor):
         self.flags = flags
         self.limits = limits
         self.released = False
+        self._ctx: m.Credentials | None = None  # credentials of the message being handled
 
     def _call(self, request: Any, **kwargs: Any) -> Any:
         try:
-            return dev.call(self.device, request, **kwargs).get(timeout=self.limits.timeout)
+            return dev.call(self.device, request, ctx=self._ctx, **kwargs).get(
+                timeout=self.limits.timeout)
         except pykka.Timeout:
             raise OSError(errno.ETIMEDOUT, f"no reply to {Opcode(request.opcode).name}") from None
 
@@ -100,7 +102,11 @@ class _HandleActor(pykka.ThreadingActor):
             return super().on_receive(message)
         if self.released:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return handler(self, message)
+        self._ctx = message.ctx
+        try:
+            return handler(self, message)
+        finally:
+            self._ctx = None
 
     def _close(self, msg: m.Close) -> None:
         self._release()
@@ -144,7 +150,7 @@ class FileActor(_HandleActor):
     def _read_at(self, offset: int, size: int, sink: memoryview | None) -> Any:
         chunks = self._chunks(offset, size, self.limits.max_read)
         futures = [
-            dev.call(self.device, rq.read(self.nodeid, self.fh, off, n),
+            dev.call(self.device, rq.read(self.nodeid, self.fh, off, n), ctx=self._ctx,
                      sink=None if sink is None else sink[off - offset:off - offset + n])
             for off, n in chunks
         ]
@@ -198,12 +204,14 @@ class FileActor(_HandleActor):
             futures = []
             for off, n in chunks:
                 f = dev.call(self.device, rq.write(self.nodeid, self.fh, off,
-                                                   data[off - offset:off - offset + n]))
+                                                   data[off - offset:off - offset + n]),
+                             ctx=self._ctx)
                 f.get(timeout=self.limits.timeout)
                 futures.append(f)
         else:
             futures = [dev.call(self.device, rq.write(self.nodeid, self.fh, off,
-                                                      data[off - offset:off - offset + n]))
+                                                      data[off - offset:off - offset + n]),
+                                ctx=self._ctx)
                        for off, n in chunks]
         written = 0
         error: BaseException | None = None

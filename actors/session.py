@@ -100,11 +100,12 @@ class SessionActor(pykka.ThreadingActor):
         self.children: dict[int, set[bytes]] = {}
         self.handles: set[pykka.ActorRef[Any]] = set()
         self.forgets_sent = 0
+        self._ctx: m.Credentials | None = None  # credentials of the message being handled
 
     # -- device access ---------------------------------------------------------------------
 
     def _call(self, request: Any) -> Any:
-        future = dev.call(self.device, request)
+        future = dev.call(self.device, request, ctx=self._ctx)
         try:
             return future.get(timeout=self.config.request_timeout)
         except pykka.Timeout:
@@ -363,7 +364,11 @@ class SessionActor(pykka.ThreadingActor):
         handler = self._HANDLERS.get(type(message))
         if handler is None:
             return super().on_receive(message)
-        return handler(self, message)
+        self._ctx = message.ctx
+        try:
+            return handler(self, message)
+        finally:
+            self._ctx = None
 
     def _with_path(self, fn: Any, message: Any) -> Any:
         try:
@@ -627,18 +632,8 @@ SessionActor._HANDLERS = {
     m.InvalidateAttr: SessionActor._invalidate_attr,
     m.SessionStats: SessionActor._stats,
     m.ListMounts: SessionActor._list_mounts,
+    m.Mount: lambda self, msg: self._mount(),
 }
-
-
-class _Mount:
-    """Internal message: run FUSE_INIT and build the mount table."""
-
-
-def _on_mount(self: SessionActor, msg: _Mount) -> dict[str, int]:
-    return self._mount()
-
-
-SessionActor._HANDLERS[_Mount] = _on_mount
 
 
 def open_session(device: pykka.ActorRef[Any],
@@ -647,7 +642,7 @@ def open_session(device: pykka.ActorRef[Any],
     and the half-started actor is stopped."""
     ref = SessionActor.start(device, config)
     try:
-        ref.ask(_Mount())
+        ref.ask(m.Mount())
     except BaseException:
         ref.stop()
         raise

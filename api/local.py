@@ -14,6 +14,7 @@ Every call becomes a message to the session actor (metadata) or to a file/direct
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import os
@@ -21,6 +22,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pykka
 
 from actors.device import DeviceActor
@@ -64,10 +66,23 @@ class VirtioFS:
             self.device.stop()
             raise
         self._closed = False
+        self._owner = True
+        self.ctx: m.Credentials | None = None
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def as_user(self, uid: int, gid: int, pid: int | None = None) -> VirtioFS:
+        """A view of this share whose requests carry other credentials (the FUSE request
+        context): the daemon checks permissions and assigns ownership as that user.
+        Closing the view does not close the share."""
+        view = copy.copy(self)
+        view._owner = False
+        view.ctx = (uid, gid, os.getpid() if pid is None else pid)
+        return view
+
     def _ask(self, message: Any) -> Any:
+        if self.ctx is not None:
+            message = msgspec.structs.replace(message, ctx=self.ctx)
         try:
             return self.session.ask(message)
         except pykka.ActorDeadError:
@@ -75,7 +90,7 @@ class VirtioFS:
 
     def close(self) -> None:
         """Release every handle, forget every node, stop the device and its daemon."""
-        if self._closed:
+        if self._closed or not self._owner:
             return
         self._closed = True
         self.session.stop()
@@ -244,7 +259,7 @@ class VirtioFS:
         """Open with ``os.open`` flags; returns an unbuffered :class:`RawFile`."""
         opened: m.OpenedFile = self._ask(m.Open(path=path, flags=flags, mode=mode,
                                                 umask=_umask()))
-        return RawFile(opened, os.fsdecode(path))
+        return RawFile(opened, os.fsdecode(path), self.ctx)
 
     def open(self, path: m.PathArg, mode: str = "r", buffering: int = -1,
              encoding: str | None = None, errors: str | None = None,
@@ -308,9 +323,11 @@ def _mode_to_flags(mode: str) -> tuple[int, bool, bool]:
 class RawFile(io.RawIOBase):
     """An unbuffered file on a share, backed by a file actor (no OS file descriptor)."""
 
-    def __init__(self, opened: m.OpenedFile, name: str) -> None:
+    def __init__(self, opened: m.OpenedFile, name: str,
+                 ctx: m.Credentials | None = None) -> None:
         super().__init__()
         self._ref = opened.actor
+        self._ctx = ctx
         self.name = name
         self.flags = opened.flags
         acc = opened.flags & os.O_ACCMODE
@@ -320,6 +337,8 @@ class RawFile(io.RawIOBase):
     def _ask(self, message: Any) -> Any:
         if self.closed:
             raise ValueError("I/O operation on closed file")
+        if self._ctx is not None:
+            message = msgspec.structs.replace(message, ctx=self._ctx)
         try:
             return self._ref.ask(message)
         except pykka.ActorDeadError:

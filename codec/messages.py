@@ -18,8 +18,16 @@ PathArg = str | bytes
 Timespec = tuple[int, int]
 
 
+Credentials = tuple[int, int, int]
+
+
 class _Msg(msgspec.Struct, frozen=True, kw_only=True):
-    """Base of all actor messages."""
+    """Base of all actor messages.
+
+    ``ctx``: the (uid, gid, pid) the daemon should act as for this operation — the FUSE
+    request context a kernel would send. None: the session's default (this process)."""
+
+    ctx: Credentials | None = None
 
 
 # -- device actor ----------------------------------------------------------------------
@@ -33,7 +41,6 @@ class FuseCall(_Msg):
     request: Any
     reply: Any
     sink: Any = None
-    ctx: tuple[int, int, int] | None = None
 
 
 class DeviceStats(_Msg):
@@ -42,6 +49,11 @@ class DeviceStats(_Msg):
 
 
 # -- session actor ---------------------------------------------------------------------
+
+
+class Mount(_Msg):
+    """Run FUSE_INIT and build the mount table (sent once, when the session starts).
+    Reply: dict mount point → root node id."""
 
 
 class Stat(_Msg):
