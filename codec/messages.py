@@ -1,11 +1,13 @@
 """The messages actors exchange: frozen msgspec Structs, defined once, used on every path.
 
-Paths are ``str`` or ``bytes`` exactly as the caller gave them (the session encodes them
-with ``os.fsencode``). Times are ``(seconds, nanoseconds)`` pairs. Replies are the typed
+Paths and names are ``bytes`` (the API encodes callers' ``str`` with ``os.fsencode``): a
+name need not be UTF-8, and msgpack must carry it unchanged. Times are ``(seconds, nanoseconds)`` pairs. Replies are the typed
 values of :mod:`codec.fuse_types` or plain Python values, as documented per message.
 
 The in-process hop to the device carries a reply future (``FuseCall.reply``); everything
-else is plain data and can be msgpack-encoded to cross a process boundary.
+else is plain data and can be msgpack-encoded to cross a process boundary: each message is
+tagged with its class name, so a union of them decodes to the right type (see
+:mod:`codec.wire`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from typing import Any
 
 import msgspec
 
-PathArg = str | bytes
+PathArg = bytes
 Timespec = tuple[int, int]
 
 
 Credentials = tuple[int, int, int]
 
 
-class _Msg(msgspec.Struct, frozen=True, kw_only=True):
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Base of all actor messages.
 
     ``ctx``: the (uid, gid, pid) the daemon should act as for this operation — the FUSE
