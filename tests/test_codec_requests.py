@@ -186,6 +186,8 @@ def test_header_rejects_bad_len_small_buffer_and_bad_ids() -> None:
     with pytest.raises(ValueError):
         rq.pack_in_header(bytearray(50), 20, 40, 3, 1, 1, 0, 0, 0)
     with pytest.raises(ValueError):
+        rq.pack_in_header(bytearray(80), -40, 40, 3, 1, 1, 0, 0, 0)
+    with pytest.raises(ValueError):
         rq.pack_in_header(bytearray(40), 0, 40, 3, 1, 1, 1 << 32, 0, 0)
 
 
