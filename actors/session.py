@@ -426,6 +426,9 @@ class SessionActor(pykka.ThreadingActor):
 
     def _unlink(self, msg: m.Unlink) -> None:
         parent, name = self._parent(msg.path)
+        # virtiofsd finds the victim in its inode table: it must have been looked up
+        # (the kernel always has a dentry for it); otherwise the daemon answers EIO.
+        self._lookup(parent.nodeid, name)
         self._call(rq.unlink(parent.nodeid, name))
         self._after_remove(parent, name)
 
@@ -433,6 +436,7 @@ class SessionActor(pykka.ThreadingActor):
         parent, name = self._parent(msg.path)
         if name == b".":
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        self._lookup(parent.nodeid, name)  # see _unlink
         self._call(rq.rmdir(parent.nodeid, name))
         self._after_remove(parent, name)
 
@@ -446,6 +450,9 @@ class SessionActor(pykka.ThreadingActor):
     def _rename(self, msg: m.Rename) -> None:
         sparent, sname = self._parent(msg.src)
         dparent, dname = self._parent(msg.dst)
+        self._lookup(sparent.nodeid, sname)  # see _unlink
+        if msg.flags & 2:  # RENAME_EXCHANGE: both ends must be known to the daemon
+            self._lookup(dparent.nodeid, dname)
         self._call(rq.rename(sparent.nodeid, sname, dparent.nodeid, dname, msg.flags))
         moved = self.dentries.get((sparent.nodeid, sname))
         self._drop_dentry(sparent.nodeid, sname, forget_orphan=False)
