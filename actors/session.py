@@ -43,8 +43,10 @@ __all__ = ["SessionActor", "SessionConfig", "open_session"]
 
 MAX_SYMLINK_HOPS = 40
 PATH_MAX = 4096
+NAME_MAX = 255
 SKIPPED_MOUNTS = (b"tmp", b"proc")  # as the Hermit driver does in tag "/" mode
 _O_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_CLOEXEC  # never sent to the daemon
+_O_STRIP_CREATE = os.O_CREAT | os.O_NOCTTY | os.O_CLOEXEC  # CREATE keeps O_EXCL
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +55,12 @@ class SessionConfig:
 
     ``tag``: None/"" — the share is the namespace root; a name — the share is mounted at
     ``/name``; ``"/"`` — each top-level directory of the share is mounted on its own.
+    ``root``: a directory inside the share that becomes the session's root (the agent
+    confines a tenant to it: ``..`` and symlinks never climb above a mount's root).
     """
 
     tag: str | None = None
+    root: str | None = None
     max_nodes: int = 16384
     request_timeout: float = 60.0
     max_readahead: int = 1 << 20
@@ -76,11 +81,36 @@ def _expiry(sec: int, nsec: int) -> float:
     return time.monotonic() + sec + nsec / 1e9
 
 
+def _permitted(attr: Attr, mode: int, ctx: m.Credentials | None) -> bool:
+    """POSIX permission check of ``mode`` (R_OK|W_OK|X_OK) on ``attr`` for ``ctx``
+    (None: this process), as the kernel's generic_permission does (no ACLs, no
+    supplementary groups beyond the caller's own gid list when it is this process)."""
+    uid, gid = (os.geteuid(), os.getegid()) if ctx is None else (ctx[0], ctx[1])
+    bits = attr.mode & 0o777
+    if uid == 0:
+        # root may read and write anything; execute needs some x bit (or a directory)
+        return not mode & os.X_OK or bool(bits & 0o111) or stat_mod.S_ISDIR(attr.mode)
+    groups = set(os.getgroups()) | {gid} if ctx is None else {gid}
+    if uid == attr.uid:
+        have = bits >> 6
+    elif attr.gid in groups:
+        have = bits >> 3
+    else:
+        have = bits
+    want = (4 if mode & os.R_OK else 0) | (2 if mode & os.W_OK else 0) | (
+        1 if mode & os.X_OK else 0)
+    return (have & want) == want
+
+
 def _err(exc: OSError, path: Any, path2: Any = None) -> OSError:
     """The same error, with the caller's path(s) attached (as ``os`` functions do)."""
     if path2 is not None:
         return OSError(exc.errno, exc.strerror or os.strerror(exc.errno or 0), path, None, path2)
     return OSError(exc.errno, exc.strerror or os.strerror(exc.errno or 0), path)
+
+
+def _trailing_slash(path: m.PathArg) -> bool:
+    return os.fsencode(path).endswith(b"/")
 
 
 class SessionActor(pykka.ThreadingActor):
@@ -131,25 +161,34 @@ class SessionActor(pykka.ThreadingActor):
                           f"device speaks FUSE {init.major}.{init.minor}; need 7.{MIN_MINOR}+")
         self.init = init
         self.limits = HandleLimits.from_init(init, self.config.readdir_size)
+        base = FUSE_ROOT_ID
+        if self.config.root and self.config.root.strip("/"):
+            self.mounts = {b"": FUSE_ROOT_ID}
+            node = self._walk(self.config.root)
+            if not stat_mod.S_ISDIR(self._attr(node).mode):
+                raise NotADirectoryError(errno.ENOTDIR, "session root is not a directory",
+                                         self.config.root)
+            node.pins += 1  # a mount root is never evicted
+            base = node.nodeid
         tag = self.config.tag
         if not tag:
-            self.mounts = {b"": FUSE_ROOT_ID}
+            self.mounts = {b"": base}
         elif tag != "/":
-            self.mounts = {os.fsencode(tag.strip("/")): FUSE_ROOT_ID}
+            self.mounts = {os.fsencode(tag.strip("/")): base}
         else:
-            self.mounts = self._top_level_mounts()
+            self.mounts = self._top_level_mounts(base)
         return {os.fsdecode(k): v for k, v in self.mounts.items()}
 
-    def _top_level_mounts(self) -> dict[bytes, int]:
+    def _top_level_mounts(self, base: int) -> dict[bytes, int]:
         """Tag "/" mode: every top-level directory but tmp and proc is its own mount."""
         mounts: dict[bytes, int] = {}
-        for entry in self._list_all(FUSE_ROOT_ID):
+        for entry in self._list_all(base):
             name = entry.name
             if name in (b".", b"..") or name in SKIPPED_MOUNTS:
                 continue
             if entry.type != stat_mod.S_IFDIR >> 12:
                 continue
-            node = self._lookup(FUSE_ROOT_ID, name)
+            node = self._lookup(base, name)
             node.pins += 1  # mount roots are never evicted
             mounts[name] = node.nodeid
         return mounts
@@ -293,6 +332,8 @@ class SessionActor(pykka.ThreadingActor):
         if len(p) >= PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         parts = [c for c in p.split(b"/") if c and c != b"."]
+        if any(len(c) > NAME_MAX for c in parts):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         trailing = p.endswith(b"/") or p.endswith(b"/.") or p == b"."
         if b"" in self.mounts:
             return self.mounts[b""], parts, trailing
@@ -308,55 +349,101 @@ class SessionActor(pykka.ThreadingActor):
 
     def _walk(self, path: m.PathArg, *, follow: bool = True) -> _Node:
         root, parts, trailing = self._split(path)
-        return self._walk_parts(root, parts, follow=follow or trailing, must_dir=trailing)
+        stack, _ = self._descend([self._node(root)], parts, follow=follow or trailing)
+        node = stack[-1]
+        if trailing:
+            self._require_dir(node)
+        return node
 
-    def _walk_parts(self, root: int, parts: list[bytes], *, follow: bool,
-                    must_dir: bool = False) -> _Node:
-        stack = [self._node(root)]
+    def _require_dir(self, node: _Node) -> None:
+        if not stat_mod.S_ISDIR(self._attr(node).mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+
+    def _descend(self, stack: list[_Node], parts: list[bytes], *, follow: bool,
+                 hops: int = 0) -> tuple[list[_Node], int]:
+        """Walk ``parts`` from ``stack`` (the directories from the mount root down).
+
+        ``stack`` is the whole ancestry rather than one node so that ``..`` — also inside
+        symlink targets — goes back up without a LOOKUP and never above the mount root.
+        Returns the new stack and the symlink hops used so far (the 40-hop limit spans
+        every link of one path resolution).
+        """
+        stack = list(stack)
         todo = list(reversed(parts))
-        hops = 0
         while todo:
             name = todo.pop()
             if name == b"..":
                 if len(stack) > 1:
                     stack.pop()
                 continue
-            if len(name) > 255:
-                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-            parent = stack[-1]
-            if parent.attr is not None and not stat_mod.S_ISDIR(parent.attr.mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            node = self._lookup(parent.nodeid, name)
+            node = self._lookup(self._dir_of(stack[-1]).nodeid, name)
             mode = node.attr.mode if node.attr is not None else 0
             if stat_mod.S_ISLNK(mode) and (todo or follow):
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                target: bytes = self._call(rq.readlink(node.nodeid))
-                if target.startswith(b"/"):
+                hops, components, absolute = self._follow(node, hops)
+                if absolute:
                     del stack[1:]
-                todo.extend(reversed([c for c in target.split(b"/") if c and c != b"."]))
+                todo.extend(reversed(components))
                 continue
             stack.append(node)
-        node = stack[-1]
-        if must_dir:
-            attr = self._attr(node)
-            if not stat_mod.S_ISDIR(attr.mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return stack, hops
+
+    def _dir_of(self, node: _Node) -> _Node:
+        """``node``, checked to be something a name can be looked up in."""
+        if node.attr is not None and not stat_mod.S_ISDIR(node.attr.mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return node
 
-    def _parent(self, path: m.PathArg) -> tuple[_Node, bytes]:
-        """The directory that holds the last component, and that component."""
+    def _follow(self, link: _Node, hops: int) -> tuple[int, list[bytes], bool]:
+        """One more symlink hop: its target's components and whether it is absolute."""
+        hops += 1
+        if hops > MAX_SYMLINK_HOPS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        target: bytes = self._call(rq.readlink(link.nodeid))
+        return hops, [c for c in target.split(b"/") if c and c != b"."], target.startswith(b"/")
+
+    def _parent_stack(self, path: m.PathArg) -> tuple[list[_Node], bytes]:
+        """The directories down to the one that holds the last component, and that
+        component (checked: a name the daemon may be asked to create or remove)."""
         root, parts, _ = self._split(path)
         if not parts:
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        stack, _ = self._descend([self._node(root)], parts[:-1], follow=True)
+        self._require_dir(stack[-1])
         name = parts[-1]
-        parent = self._walk_parts(root, parts[:-1], follow=True, must_dir=True)
         if name == b"..":
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-        if len(name) > 255:
-            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        return parent, name
+        return stack, name
+
+    def _parent(self, path: m.PathArg) -> tuple[_Node, bytes]:
+        stack, name = self._parent_stack(path)
+        return stack[-1], name
+
+    def _creation_point(self, path: m.PathArg) -> _Node | tuple[_Node, bytes]:
+        """Where ``open(path, O_CREAT)`` (without O_EXCL) acts: the existing node, or the
+        directory and name to create — after following symlinks in the last component
+        too, as open(2) does (a dangling link creates its target).
+
+        The daemon cannot do this for us: CREATE of a name that exists opens a plain file
+        but fails with EBADF on a symlink, and would cache the link's name for the wrong
+        node.
+        """
+        stack, name = self._parent_stack(path)
+        hops = 0
+        while True:
+            try:
+                node = self._lookup(self._dir_of(stack[-1]).nodeid, name)
+            except FileNotFoundError:
+                return stack[-1], name
+            if node.attr is None or not stat_mod.S_ISLNK(node.attr.mode):
+                return node
+            hops, components, absolute = self._follow(node, hops)
+            if absolute:
+                del stack[1:]
+            if not components or components[-1] == b"..":
+                stack, hops = self._descend(stack, components, follow=True, hops=hops)
+                return stack[-1]  # the link names a directory
+            stack, hops = self._descend(stack, components[:-1], follow=True, hops=hops)
+            name = components[-1]
 
     # -- messages --------------------------------------------------------------------------
 
@@ -385,8 +472,17 @@ class SessionActor(pykka.ThreadingActor):
 
     def _access(self, msg: m.Access) -> None:
         node = self._walk(msg.path)
-        if msg.mode != os.F_OK:
+        if msg.mode == os.F_OK:
+            return
+        try:
             self._call(rq.access(node.nodeid, msg.mode))
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            # The daemon leaves ACCESS to the client (as Linux does with
+            # default_permissions): check the mode bits for the caller's credentials.
+            if not _permitted(self._attr(node), msg.mode, self._ctx):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES)) from None
 
     def _readlink(self, msg: m.ReadLink) -> bytes:
         node = self._walk(msg.path, follow=False)
@@ -518,28 +614,49 @@ class SessionActor(pykka.ThreadingActor):
     def _open(self, msg: m.Open) -> m.OpenedFile:
         flags = msg.flags
         if flags & os.O_CREAT:
-            parent, name = self._parent(msg.path)
-            if name == b".":
+            if _trailing_slash(msg.path):
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            # O_EXCL: whatever is there, even a symlink, makes it fail (the daemon's
+            # EEXIST); otherwise an existing file is opened as it is, through symlinks.
+            where = self._parent(msg.path) if flags & os.O_EXCL else self._creation_point(
+                msg.path)
+            if isinstance(where, _Node):
+                return self._open_node(where, flags, creating=True)
+            parent, name = where
             mode = msg.mode & ~msg.umask & 0o7777
-            out = self._call(rq.create(parent.nodeid, name, flags & ~(os.O_NOCTTY | os.O_CLOEXEC),
-                                       mode, 0))
+            # Never O_CREAT in CREATE's flags: the C daemon adds it itself, and when the
+            # name exists it re-opens with these flags, and openat(O_CREAT) without a mode
+            # aborts it (glibc fortify). The kernel only sends CREATE for absent names.
+            out = self._call(rq.create(parent.nodeid, name, flags & ~_O_STRIP_CREATE, mode, 0))
             self._invalidate(parent.nodeid)
             node = self._learn(parent.nodeid, name, out.entry)
-            opened = out.open
-        else:
-            node = self._walk(msg.path, follow=not flags & os.O_NOFOLLOW)
-            attr = self._attr(node)
-            if stat_mod.S_ISLNK(attr.mode):
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-            if flags & os.O_DIRECTORY and not stat_mod.S_ISDIR(attr.mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            if stat_mod.S_ISDIR(attr.mode) and flags & (os.O_WRONLY | os.O_RDWR):
-                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-            opened = self._call(rq.open(node.nodeid, flags & ~_O_STRIP))
-            if flags & os.O_TRUNC:
-                self._invalidate(node.nodeid)
-        ref = self._start_handle(FileActor, node, opened.fh, flags)
+            return self._opened(node, out.open.fh, flags)
+        node = self._walk(msg.path, follow=not flags & os.O_NOFOLLOW)
+        return self._open_node(node, flags, creating=False)
+
+    def _open_node(self, node: _Node, flags: int, *, creating: bool) -> m.OpenedFile:
+        """OPEN of a node that exists, with open(2)'s checks of its type."""
+        attr = self._attr(node)
+        if stat_mod.S_ISLNK(attr.mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        if stat_mod.S_ISDIR(attr.mode) and (creating or flags & (os.O_WRONLY | os.O_RDWR)):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if flags & os.O_DIRECTORY and not stat_mod.S_ISDIR(attr.mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if stat_mod.S_ISDIR(attr.mode):
+            # As the kernel does: a directory is opened with OPENDIR even by open(2); the
+            # file actor then answers read/write with EISDIR and releases with RELEASEDIR.
+            opened = self._call(rq.opendir(node.nodeid))
+            return self._opened(node, opened.fh, flags, handle_flags=flags | os.O_DIRECTORY)
+        opened = self._call(rq.open(node.nodeid, flags & ~_O_STRIP))
+        if flags & os.O_TRUNC:
+            self._invalidate(node.nodeid)
+        return self._opened(node, opened.fh, flags)
+
+    def _opened(self, node: _Node, fh: int, flags: int, *,
+                handle_flags: int | None = None) -> m.OpenedFile:
+        handle_flags = flags if handle_flags is None else handle_flags
+        ref = self._start_handle(FileActor, node, fh, handle_flags)
         return m.OpenedFile(actor=ref, nodeid=node.nodeid, flags=flags, attr=node.attr)
 
     def _opendir(self, msg: m.OpenDir) -> m.OpenedDir:
@@ -559,9 +676,7 @@ class SessionActor(pykka.ThreadingActor):
         except BaseException:
             node.pins -= 1
             with contextlib.suppress(OSError):
-                release = rq.releasedir if cls is DirectoryActor else rq.release
-                self._call(release(node.nodeid, fh) if cls is DirectoryActor
-                           else release(node.nodeid, fh, flags))
+                self._call(cls.release_request(node.nodeid, fh, flags))
             raise
         self.handles.add(ref)
         return ref

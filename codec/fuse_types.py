@@ -185,6 +185,12 @@ class StatfsOut(msgspec.Struct, frozen=True, gc=False):
     namelen: int
     frsize: int
 
+    def to_statvfs_result(self) -> os.statvfs_result:
+        """As ``os.statvfs`` returns it (``f_favail`` = ``f_ffree``; no mount flags)."""
+        frsize = self.frsize or self.bsize
+        return os.statvfs_result((self.bsize, frsize, self.blocks, self.bfree, self.bavail,
+                                  self.files, self.ffree, self.ffree, 0, self.namelen))
+
 
 class InitOut(msgspec.Struct, frozen=True, gc=False):
     """``struct fuse_init_out``. Fields a short (older) reply lacks are 0.
