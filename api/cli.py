@@ -40,13 +40,16 @@ def open_share(share: str) -> ShareFS:
         try:
             fs.stat("/")  # fail now, with a clear message, if nobody answers
         except BaseException:
+            fs.timeout = 0.0  # nobody answered: don't wait for a reply to Bye either
             fs.close()
             raise
         fs.timeout = 60.0
         return fs
     if not os.path.isdir(share):
+        if os.path.exists(share):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder, cannot share it", share)
         raise FileNotFoundError(errno.ENOENT, "no such folder to share", share)
-    return connect(share)
+    return connect(os.path.abspath(share))  # virtiofsd runs elsewhere: no relative paths
 
 
 # -- ls ------------------------------------------------------------------------------------
@@ -77,32 +80,46 @@ def _when(mtime: float, now: float) -> str:
 
 def long_listing(fs: ShareFS, path: str, *, show_all: bool) -> list[str]:
     """Lines as ``LC_ALL=C ls -la`` prints them (for the share's root, ``..`` is the root
-    itself, as in a guest that mounts the share at ``/``)."""
-    entries = [(e.name, e.stat(follow_symlinks=False)) for e in fs.scandir(path)]
+    itself, as in a guest that mounts the share at ``/``). A PATH that is not a directory
+    gives its own line, without ``total``, as ls does."""
+    top = fs.lstat(path)
+    if not stat_mod.S_ISDIR(top.st_mode):
+        return _long_rows(fs, [(path, top, path)])
+    entries = [(e.name, e.stat(follow_symlinks=False), e.path) for e in fs.scandir(path)]
     if show_all:
         # The share's root is its own parent: the host above it is not visible.
-        entries += [(".", fs.stat(path)), ("..", fs.stat(os.path.join(path, "..")))]
-    entries = [(n, s) for n, s in entries if show_all or not n.startswith(".")]
+        parent = os.path.join(path, "..")
+        entries += [(".", fs.stat(path), path), ("..", fs.stat(parent), parent)]
+    entries = [e for e in entries if show_all or not e[0].startswith(".")]
     entries.sort(key=lambda e: os.fsencode(e[0]))
+    # GNU ls rounds the sum of 512-byte blocks up to whole KiB.
+    total = (sum(st.st_blocks for _, st, _ in entries) + 1) // 2
+    return [f"total {total}", *_long_rows(fs, entries)]
+
+
+def _long_rows(fs: ShareFS, entries: list[tuple[str, Any, str]]) -> list[str]:
     now = time.time()
     rows = []
-    for name, st in entries:
+    for name, st, full in entries:
         display = name
         if stat_mod.S_ISLNK(st.st_mode):
-            display += " -> " + os.fsdecode(fs.readlink(os.path.join(path, name)))
+            display += " -> " + os.fsdecode(fs.readlink(full))
         size = (f"{os.major(st.st_rdev)}, {os.minor(st.st_rdev)}"
                 if stat_mod.S_ISCHR(st.st_mode) or stat_mod.S_ISBLK(st.st_mode)
                 else str(st.st_size))
         rows.append((stat_mod.filemode(st.st_mode), str(st.st_nlink), _owner(st.st_uid),
-                     _group(st.st_gid), size, _when(st.st_mtime, now), display))
-    total = sum(st.st_blocks for _, st in entries) // 2
+                     _group(st.st_gid), size, _when(st.st_mtime, now), display,
+                     str(st.st_uid), str(st.st_gid)))
     if not rows:
-        return [f"total {total}"]
+        return []
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"total {total}"]
-    for mode, nlink, owner, group, size, when, display in rows:
-        lines.append(f"{mode} {nlink:>{widths[1]}} {owner:<{widths[2]}} {group:<{widths[3]}} "
-                     f"{size:>{widths[4]}} {when} {display}")
+    lines = []
+    for mode, nlink, owner, group, size, when, display, uid, gid in rows:
+        # ls left-aligns names but right-aligns the numbers of unnamed owners and groups
+        oa = ">" if owner == uid else "<"
+        ga = ">" if group == gid else "<"
+        lines.append(f"{mode} {nlink:>{widths[1]}} {owner:{oa}{widths[2]}} "
+                     f"{group:{ga}{widths[3]}} {size:>{widths[4]}} {when} {display}")
     return lines
 
 
@@ -111,9 +128,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.long:
             for line in long_listing(fs, args.path, show_all=args.all):
                 print(line)
+        elif not stat_mod.S_ISDIR(fs.stat(args.path).st_mode):
+            print(args.path)  # ls FILE names the file
         else:
-            names = sorted(fs.listdir(args.path), key=os.fsencode)
-            for name in names:
+            names = fs.listdir(args.path) + ([".", ".."] if args.all else [])
+            for name in sorted(names, key=os.fsencode):
                 if args.all or not name.startswith("."):
                     print(name)
     return 0
@@ -123,9 +142,14 @@ def cmd_cat(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     with open_share(args.share) as fs:
         for path in args.paths:
-            with fs.open(path, "rb", buffering=0) as f:
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
+            try:
+                with fs.open(path, "rb", buffering=0) as f:
+                    while chunk := f.read(1 << 20):
+                        out.write(chunk)
+            except OSError as exc:
+                if exc.filename is None:  # e.g. EISDIR from the first read: say which path
+                    raise OSError(exc.errno, exc.strerror, path) from None
+                raise
     out.flush()
     return 0
 
@@ -159,8 +183,10 @@ _KINDS = {stat_mod.S_IFREG: "regular file", stat_mod.S_IFDIR: "directory",
           stat_mod.S_IFBLK: "block special file"}
 
 
-def _tree_lines(fs: ShareFS, path: str, prefix: str, counts: list[int]) -> Iterator[str]:
-    entries = sorted(fs.scandir(path), key=lambda e: os.fsencode(e.name))
+def _tree_lines(fs: ShareFS, path: str, prefix: str, counts: list[int],
+                show_all: bool) -> Iterator[str]:
+    entries = sorted((e for e in fs.scandir(path) if show_all or not e.name.startswith(".")),
+                     key=lambda e: os.fsencode(e.name))
     for i, entry in enumerate(entries):
         last = i == len(entries) - 1
         name = entry.name
@@ -169,7 +195,8 @@ def _tree_lines(fs: ShareFS, path: str, prefix: str, counts: list[int]) -> Itera
         yield f"{prefix}{'└── ' if last else '├── '}{name}"
         if entry.is_dir(follow_symlinks=False):
             counts[0] += 1
-            yield from _tree_lines(fs, entry.path, prefix + ("    " if last else "│   "), counts)
+            yield from _tree_lines(fs, entry.path, prefix + ("    " if last else "│   "), counts,
+                                   show_all)
         else:
             counts[1] += 1
 
@@ -177,10 +204,14 @@ def _tree_lines(fs: ShareFS, path: str, prefix: str, counts: list[int]) -> Itera
 def cmd_tree(args: argparse.Namespace) -> int:
     with open_share(args.share) as fs:
         counts = [0, 0]
+        if not stat_mod.S_ISDIR(fs.stat(args.path).st_mode):  # fail before printing anything
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), args.path)
         print(args.path)
-        for line in _tree_lines(fs, args.path, "", counts):
+        for line in _tree_lines(fs, args.path, "", counts, args.all):
             print(line)
-        print(f"\n{counts[0]} directories, {counts[1]} files")
+        dirs, files = counts
+        print(f"\n{dirs} director{'y' if dirs == 1 else 'ies'}, "
+              f"{files} file{'' if files == 1 else 's'}")
     return 0
 
 
@@ -254,6 +285,12 @@ def _copy(src: _Side, src_path: str, dst: _Side, dst_path: str, *, recursive: bo
             raise IsADirectoryError(errno.EISDIR, "is a directory (use -r)", src_path)
         if dst.is_dir(dst_path):
             dst_path = os.path.join(dst_path, os.path.basename(src_path.rstrip("/")) or ".")
+        if src.fs is not None and src.fs is dst.fs:
+            inner = os.path.relpath(os.path.normpath(os.path.join("/", dst_path)),
+                                    os.path.normpath(os.path.join("/", src_path)))
+            if inner != ".." and not inner.startswith("../"):
+                # The walk would find the copy and copy it again, without end.
+                raise OSError(errno.EINVAL, "cannot copy a directory into itself", dst_path)
         files: list[tuple[str, str]] = []
         for dirpath, _dirs, names in src.walk(src_path):
             rel = os.path.relpath(dirpath, src_path)
@@ -361,7 +398,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.start()
+    try:
+        server.start()
+    except Exception as exc:  # zmq.ZMQError: address in use, unknown transport, …
+        server.stop()
+        fs.close()
+        # ZeroMQ names the endpoint in its message already.
+        raise OSError(getattr(exc, "errno", None) or errno.EINVAL, str(exc)) from None
     print(f"serving {args.folder} on {' '.join(server.endpoints)}", flush=True)
     try:
         while server._thread is not None and server._thread.is_alive():
@@ -408,12 +451,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------
 
-_SHARE_HELP = "a local folder (a private virtiofsd is started on it) or tcp://HOST:PORT"
+_SHARE_HELP = ("a local folder (a private virtiofsd is started on it for the command) or the "
+               "tcp://HOST:PORT or ipc://PATH endpoint of `pyvirtiofs serve`")
 
 
 def _share_cmd(sub: Any, name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("share", help=_SHARE_HELP)
+    p.add_argument("share", metavar="SHARE", help=_SHARE_HELP)
     p.set_defaults(func=func)
     return p
 
@@ -441,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _share_cmd(sub, "ls", "list a directory (like ls)", cmd_ls)
-    p.add_argument("path", nargs="?", default="/", help="directory inside the share")
+    p.add_argument("path", nargs="?", default="/",
+                   help="directory (or file) inside the share, default /")
     p.add_argument("-l", dest="long", action="store_true", help="long listing (like ls -l)")
     p.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
 
@@ -454,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _share_cmd(sub, "tree", "show a directory tree (like tree)", cmd_tree)
     p.add_argument("path", nargs="?", default="/", help="directory inside the share")
+    p.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
 
     p = _share_cmd(sub, "get", "copy from the share to the local disk", cmd_get)
     p.add_argument("src", help="path inside the share")
@@ -488,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start a virtiofsd on FOLDER and serve it over ZeroMQ until "
                                    "SIGINT/SIGTERM. Clients: pyvirtiofs COMMAND ENDPOINT … or "
                                    "api.connect_remote(ENDPOINT).")
-    p.add_argument("folder", help="the folder to share")
+    p.add_argument("folder", metavar="FOLDER", help="the folder to share")
     p.add_argument("--bind", action="append", required=True,
                    help="endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/share.sock "
                         "(repeatable)")

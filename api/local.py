@@ -14,9 +14,13 @@ directory actor (data); errors are the ``OSError`` subclasses ``os`` raises, wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
+import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -28,25 +32,38 @@ from api.fs import DirEntry, RawFile, ShareFS
 from codec import messages as m
 from hw.transport import VhostUserTransport, VirtioTransport, open_private_device
 
+log = logging.getLogger(__name__)
+
 __all__ = ["DirEntry", "RawFile", "VirtioFS", "connect"]
 
 
 def connect(shared_dir: str | os.PathLike[str] | None = None, *, socket: str | None = None,
-            tag: str | None = None, virtiofsd: str | None = None, cache: str = "auto",
-            busy_poll: bool = False, **transport_kwargs: Any) -> VirtioFS:
+            tag: str | None = None, root: str | None = None, virtiofsd: str | None = None,
+            cache: str = "auto", busy_poll: bool = False, restart: bool = False,
+            **transport_kwargs: Any) -> VirtioFS:
     """Open a share: ``connect(DIR)`` starts a private virtiofsd on DIR;
     ``connect(socket=PATH)`` attaches to a daemon already listening there.
 
+    ``restart``: when the daemon dies, the call that saw it fails (ENOTCONN) and the next
+    call starts a new daemon and session; handles opened before fail with ESTALE. Only
+    for ``connect(DIR)``: a daemon we did not start cannot be brought back by us.
     ``transport_kwargs`` go to the transport (``queue_size``, ``memory_size``, …)."""
     if (shared_dir is None) == (socket is None):
         raise TypeError("connect() takes a directory or socket=..., not both")
-    if shared_dir is not None:
-        transport: VirtioTransport = open_private_device(shared_dir, binary=virtiofsd,
-                                                         cache=cache, **transport_kwargs)
-    else:
+    config = SessionConfig(tag=tag, root=root)
+    if shared_dir is None:
         assert socket is not None
-        transport = VhostUserTransport.connect(socket, **transport_kwargs)
-    return VirtioFS(transport, SessionConfig(tag=tag), busy_poll=busy_poll)
+        if restart:
+            raise ValueError("restart=True needs a directory: we can only restart our daemon")
+        return VirtioFS(VhostUserTransport.connect(socket, **transport_kwargs), config,
+                        busy_poll=busy_poll)
+
+    def open_transport() -> VirtioTransport:
+        return open_private_device(shared_dir, binary=virtiofsd, cache=cache,
+                                   **transport_kwargs)
+
+    return VirtioFS(open_transport(), config, busy_poll=busy_poll,
+                    reopen=open_transport if restart else None)
 
 
 def _fix_filename(exc: OSError) -> OSError:
@@ -58,21 +75,72 @@ def _fix_filename(exc: OSError) -> OSError:
     return exc
 
 
+class _Connection:
+    """The device and session actors of one share, and how to bring them back after the
+    daemon died. Shared by a share object and its :meth:`VirtioFS.as_user` views."""
+
+    def __init__(self, transport: VirtioTransport, config: SessionConfig | None,
+                 busy_poll: bool, reopen: Callable[[], VirtioTransport] | None) -> None:
+        self.config = config
+        self.busy_poll = busy_poll
+        self.reopen = reopen
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.lost = False  # a call saw ENOTCONN: the next call restarts (when allowed)
+        self.closed = False
+        self._start(transport)
+
+    def _start(self, transport: VirtioTransport) -> None:
+        self.transport = transport
+        self.device = DeviceActor.start(transport, busy_poll=self.busy_poll)
+        try:
+            self.session = open_session(self.device, self.config)
+        except BaseException:
+            self.device.stop()
+            raise
+
+    def restart_if_lost(self) -> None:
+        if not self.lost or self.reopen is None:
+            return
+        with self.lock:
+            if not self.lost or self.closed:
+                return
+            log.warning("virtio-fs device lost; starting a new daemon and session")
+            self.stop()
+            self._start(self.reopen())
+            self.generation += 1
+            self.lost = False
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.session.stop()
+        with contextlib.suppress(Exception):
+            self.device.stop()
+
+
 class VirtioFS(ShareFS):
     """A mounted share, in-process. Thread-safe: every call is a message to an actor."""
 
     def __init__(self, transport: VirtioTransport, config: SessionConfig | None = None, *,
-                 busy_poll: bool = False) -> None:
-        self.transport = transport
-        self.device = DeviceActor.start(transport, busy_poll=busy_poll)
-        try:
-            self.session = open_session(self.device, config)
-        except BaseException:
-            self.device.stop()
-            raise
-        self._closed = False
+                 busy_poll: bool = False,
+                 reopen: Callable[[], VirtioTransport] | None = None) -> None:
+        self._conn = _Connection(transport, config, busy_poll, reopen)
         self._owner = True
         self.ctx: m.Credentials | None = None
+
+    @property
+    def transport(self) -> VirtioTransport:
+        return self._conn.transport
+
+    @property
+    def device(self) -> Any:
+        """The device actor's ref (changes when the share restarts its daemon)."""
+        return self._conn.device
+
+    @property
+    def session(self) -> Any:
+        """The session actor's ref (changes when the share restarts its daemon)."""
+        return self._conn.session
 
     def as_user(self, uid: int, gid: int, pid: int | None = None) -> VirtioFS:
         """A view of this share whose requests carry other credentials (the FUSE request
@@ -85,9 +153,10 @@ class VirtioFS(ShareFS):
 
     @property
     def daemon_pid(self) -> int | None:
-        """The pid of the virtiofsd this share started (None when attached to a socket)."""
+        """The pid of the virtiofsd process that holds the shared files (None when attached
+        to a socket): with the namespace sandbox, the daemon's worker child."""
         daemon = getattr(self.transport, "daemon", None)
-        return daemon.pid if daemon is not None else None
+        return daemon.worker_pid() if daemon is not None else None
 
     # -- transport hooks --------------------------------------------------------------------
 
@@ -97,43 +166,50 @@ class VirtioFS(ShareFS):
         try:
             return ref.ask(message)
         except pykka.ActorDeadError:
-            if ref is self.session:
+            if ref is self._conn.session:
                 raise OSError(errno.ENOTCONN, "the share is closed") from None
             raise OSError(errno.EBADF, "file handle is gone", name) from None
         except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                self._conn.lost = True
             raise _fix_filename(exc) from None
 
     def _ask(self, message: Any) -> Any:
-        return self._ask_actor(self.session, message)
+        self._conn.restart_if_lost()
+        return self._ask_actor(self._conn.session, message)
 
     def _open_file(self, message: m.Open) -> tuple[Any, int]:
         opened: m.OpenedFile = self._ask(message)
-        return opened.actor, opened.flags
+        return (opened.actor, self._conn.generation), opened.flags
 
     def _open_dir(self, message: m.OpenDir) -> Any:
         opened: m.OpenedDir = self._ask(message)
-        return opened.actor
+        return opened.actor, self._conn.generation
+
+    def _handle_ref(self, handle: Any, name: str | None) -> Any:
+        ref, generation = handle
+        if generation != self._conn.generation:
+            raise OSError(errno.ESTALE, "the share was restarted since this was opened", name)
+        return ref
 
     def _ask_handle(self, handle: Any, message: Any, name: str | None = None) -> Any:
-        return self._ask_actor(handle, message, name)
+        return self._ask_actor(self._handle_ref(handle, name), message, name)
 
     def _readinto(self, handle: Any, buffer: Any, name: str | None = None) -> int:
         # In-process the file actor copies straight from guest memory into the buffer.
-        return self._ask_actor(handle, m.ReadInto(buffer=buffer), name)
+        return self._ask_actor(self._handle_ref(handle, name), m.ReadInto(buffer=buffer), name)
 
     def _close_handle(self, handle: Any) -> None:
-        try:
-            handle.ask(m.Close())
-        except pykka.ActorDeadError:
-            pass
+        with contextlib.suppress(pykka.ActorDeadError):
+            handle[0].ask(m.Close())
 
     def close(self) -> None:
         """Release every handle, forget every node, stop the device and its daemon."""
-        if self._closed or not self._owner:
+        if self._conn.closed or not self._owner:
             return
-        self._closed = True
-        self.session.stop()
-        self.device.stop()
+        with self._conn.lock:
+            self._conn.closed = True
+            self._conn.stop()
 
     def __enter__(self) -> VirtioFS:
         return self

@@ -171,7 +171,7 @@ def decode_request(frames: list[Any]) -> RequestHeader:
         raise WireFormatError("header frame too large", errno_mod.EMSGSIZE)
     try:
         header = _request_decoder.decode(frames[0])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"malformed request: {exc}") from None
     op = header.op
     if isinstance(op, m.Write):
@@ -195,7 +195,7 @@ def encode_reply(request_id: int, value: Any = None, error: WireError | None = N
 def decode_reply(frame: Any) -> ReplyHeader:
     try:
         return _reply_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"malformed reply: {exc}", errno_mod.EPROTO) from None
 
 
@@ -209,5 +209,5 @@ def decode_value(op: Any, raw: msgspec.Raw) -> Any:
         decoder = _value_decoders[typ] = msgspec.msgpack.Decoder(typ)
     try:
         return decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"malformed reply value: {exc}", errno_mod.EPROTO) from None

@@ -188,6 +188,19 @@ class Virtiofsd:
         self._listener = None
         return self
 
+    def worker_pid(self) -> int | None:
+        """The process that does the work: with the namespace sandbox the daemon forks and
+        its child (in new namespaces) holds the files; otherwise the daemon itself."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return pid
+        return int(children[0]) if children else pid
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
