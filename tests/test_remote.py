@@ -78,7 +78,7 @@ def test_16_clients_500_mixed_operations_each(served: tuple[VirtioFS, ShareServe
                         new = f"{base}/r{i}"
                         fs.rename(name, new)
                         model[new] = model.pop(name)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
