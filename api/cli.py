@@ -551,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    # Without -v only errors are logged: a command that works prints nothing else (no
+    # "sandbox=chroot" notices in containers), one that fails prints its one line.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("pykka").setLevel(logging.WARNING)
