@@ -13,11 +13,14 @@ watched for EOF, which is how a dead daemon shows itself.
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MemoryRegion",
@@ -288,18 +291,29 @@ class VhostUserFrontend:
         return _VRING_STATE.unpack(payload)[1]
 
     def backend_alive(self) -> bool:
-        """False once the backend has closed its end (EOF or error on the socket)."""
+        """False once the backend has closed its end (EOF or error on the socket), or has
+        written something we did not ask for.
+
+        Outside set-up and shutdown the frontend has no request outstanding, so bytes
+        waiting on the socket are a protocol violation: nothing the backend does can be
+        trusted after it, and treating it as alive would leave the socket readable
+        forever — every poll on :meth:`fileno` would return at once (a busy loop).
+        Only call this when no reply is expected (the transport's data path does).
+        """
         if self._closed:
             return False
         r, _, _ = select.select([self._sock], [], [], 0)
         if not r:
             return True
         try:
-            return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            pending = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
             return False
+        if pending:
+            log.error("vhost-user backend sent unsolicited data; treating it as dead")
+        return False
 
     def close(self) -> None:
         if not self._closed:
