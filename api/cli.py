@@ -542,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of client silence before its handles are released")
     p.set_defaults(func=cmd_serve)
 
+    from api import fusemount
+
+    p = sub.add_parser("mount", help="mount a share with FUSE so every program can use it",
+                       description=fusemount.cmd_mount.__doc__)
+    fusemount.add_arguments(p)
+    p.set_defaults(func=fusemount.cmd_mount)
+
     p = sub.add_parser("demo", help="share a folder and show listing and reading through it")
     p.add_argument("folder", nargs="?", help="folder to share (default: a generated sample)")
     p.set_defaults(func=cmd_demo)

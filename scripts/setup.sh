@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up on Debian/Ubuntu: a virtiofsd binary, a virtual environment in .venv,
-# and this project installed into it (editable, with the test extra). Safe to run again.
+# Idempotent set-up on Debian/Ubuntu: a virtiofsd binary, what the FUSE re-export needs,
+# a virtual environment in .venv, and this project installed into it (editable, with the
+# test, fuse and fsspec extras). Safe to run again: a machine that has everything costs
+# no apt or pip call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,6 @@ find_virtiofsd() {
 
 if ! find_virtiofsd >/dev/null; then
     echo "setup: no virtiofsd found, installing one" >&2
-    apt_updated=""
     $SUDO apt-get update -qq; apt_updated=1
     # Newer releases ship the Rust daemon as its own package; Debian 12 has QEMU's C one.
     if apt-cache policy virtiofsd 2>/dev/null | grep -q 'Candidate: [0-9]'; then
@@ -38,6 +39,22 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     echo "setup: Python >= 3.11 is required ($PY is too old or missing)" >&2; exit 1
 fi
+
+# FUSE re-export (api/fusemount.py, `pyvirtiofs mount`): the kernel side (fusermount3),
+# libfuse3 headers + pkg-config + a compiler to build pyfuse3 (an sdist, so Python.h too),
+# git and setpriv for its tests.
+need=()
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+pkg-config --exists fuse3 2>/dev/null || need+=(libfuse3-dev)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v git >/dev/null 2>&1 || need+=(git)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+"$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || need+=(python3-dev)
+if [ "${#need[@]}" -gt 0 ]; then apt_install "${need[@]}"; fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv
@@ -48,7 +65,7 @@ fi
 stamp=.venv/.pyvirtiofs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,fuse,fsspec]'
     touch "$stamp"
 fi
 echo "setup: ready (virtiofsd: $(find_virtiofsd))" >&2

@@ -85,5 +85,7 @@ def mounted_osfs(fs: Any, mountpoint: Path) -> Iterator[OsFS]:
     from api import fusemount  # imported lazily: optional dependency
 
     mountpoint.mkdir(exist_ok=True)
-    with fusemount.mounted(fs, str(mountpoint)):
+    handle = fusemount.mount(fs, str(mountpoint), foreground=False)
+    assert handle is not None
+    with handle:
         yield OsFS(mountpoint)
