@@ -11,12 +11,21 @@ exactly one thread, and there is no separate IRQ thread to coordinate with: the 
 Callers send :class:`codec.messages.FuseCall` with a future and wait on the future (or
 gather many): requests are pipelined up to the ring size; when the ring or guest memory
 is full, requests wait in a backlog and go out as completions free space.
+
+Every future handed to this actor is completed, whatever happens: a request that cannot be
+encoded fails alone (the actor keeps serving everyone else); when the daemon dies, every
+pending and later request fails with ENOTCONN; and a ``FuseCall`` that reaches the inbox
+after the actor stopped is failed by the inbox itself (pykka would drop a told message
+silently, and its caller would wait for its timeout). Actors that answer from a cache (the
+session) subscribe with :class:`codec.messages.WatchDevice` and are told
+:class:`codec.messages.DeviceLost`, so that they stop answering too.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -27,12 +36,13 @@ from pykka._envelope import Envelope  # pykka's inbox protocol carries Envelopes
 
 from actors.channel import Completion, FuseChannel, RequestContext
 from codec import fuse_requests
-from codec.messages import DeviceStats, FuseCall
+from codec.fuse_abi import Opcode
+from codec.messages import Abandon, DeviceLost, DeviceStats, FuseCall, WatchDevice
 from hw.transport import DeviceGone, VirtioTransport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceActor", "call", "call_many"]
+__all__ = ["DeviceActor", "call", "call_many", "timed_out", "wait"]
 
 
 class _Interrupt:
@@ -54,6 +64,7 @@ class _DeviceInbox:
         self._queue: collections.deque[Envelope[Any]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._sleeping = False
+        self._closed = False
         self._poll = select.poll()
         self._poll.register(self._wake, select.POLLIN)
         self._call_fds: dict[int, int] = {}  # fd -> queue index
@@ -67,6 +78,13 @@ class _DeviceInbox:
     # producer appends, then checks _sleeping.
     def put(self, envelope: Envelope[Any], /) -> None:
         self._queue.append(envelope)
+        if self._closed:
+            # The actor stopped between the sender's liveness check and this append: no
+            # one will read this. Appending first, then checking, closes the race with
+            # close() (which sets _closed first, then drains): every envelope is rejected
+            # by one side or the other, exactly once (deque pops are atomic).
+            self.reject_queued()
+            return
         if self._sleeping:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._wake, 1)
@@ -119,12 +137,29 @@ class _DeviceInbox:
                 return _INTERRUPT
 
     def close(self) -> None:
+        """No more messages: reject what is queued and whatever comes later."""
+        self._closed = True
+        self.reject_queued()
         with contextlib.suppress(OSError):
             os.close(self._wake)
 
+    def reject_queued(self) -> None:
+        """Complete every queued message's future with an error (any thread)."""
+        gone = DeviceGone("virtio-fs device actor is stopped")
+        while True:
+            try:
+                envelope = self._queue.popleft()
+            except IndexError:
+                return
+            if isinstance(envelope.message, FuseCall):
+                _fail(envelope.message.reply, gone)
+            elif envelope.reply_to is not None:
+                _fail(envelope.reply_to, pykka.ActorDeadError("device actor is stopped"))
+
 
 class DeviceActor(pykka.ThreadingActor):
-    """Owns a transport. Messages: :class:`FuseCall`, :class:`DeviceStats`.
+    """Owns a transport. Messages: :class:`FuseCall`, :class:`Abandon`,
+    :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`codec.messages`).
 
     ``busy_poll``: spin on the used ring instead of sleeping on eventfds (lower latency,
     burns a core). On stop it sends DESTROY (best effort) and closes the transport, which
@@ -138,8 +173,10 @@ class DeviceActor(pykka.ThreadingActor):
         super().__init__()
         self.transport = transport
         self.channel = FuseChannel(transport, ctx=ctx)
-        self.backlog: collections.deque[FuseCall] = collections.deque()
+        self.backlog: collections.deque[tuple[FuseCall, RequestContext | None]] = (
+            collections.deque())
         self.dead: DeviceGone | None = None
+        self.watchers: list[pykka.ActorRef[Any]] = []
         self.destroy_timeout = destroy_timeout
         inbox = self.actor_inbox
         assert isinstance(inbox, _DeviceInbox)
@@ -169,7 +206,9 @@ class DeviceActor(pykka.ThreadingActor):
         inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
         if self.dead is None:
             self._destroy()
-        self._fail_everything(DeviceGone("virtio-fs device actor stopped"))
+        gone = DeviceGone("virtio-fs device actor stopped")
+        self._fail_everything(gone)
+        self._tell_watchers(self.dead or gone)
         inbox.unwatch()
         inbox.idle_hook = inbox.ring_has_used = None
         try:
@@ -207,6 +246,12 @@ class DeviceActor(pykka.ThreadingActor):
                 self._died()
         elif isinstance(message, DeviceStats):
             return self.stats()
+        elif isinstance(message, Abandon):
+            self._abandon(message.reply)
+        elif isinstance(message, WatchDevice):
+            self.watchers.append(message.watcher)
+            if self.dead is not None:
+                self._tell_watchers(self.dead, [message.watcher])
         else:
             return super().on_receive(message)
         return None
@@ -228,21 +273,51 @@ class DeviceActor(pykka.ThreadingActor):
             return
         try:
             self.channel.check(call.request)
+            ctx = _context(call.ctx)
         except OSError as exc:
             _fail(call.reply, exc)
             return
-        if self.backlog or not self._try_submit(call):
-            self.backlog.append(call)  # back-pressure: submitted as completions free room
+        if self.backlog or not self._try_submit(call, ctx):
+            self.backlog.append((call, ctx))  # back-pressure: sent as completions free room
 
-    def _try_submit(self, call: FuseCall) -> bool:
-        ctx = RequestContext(*call.ctx) if call.ctx is not None else None
-        return self.channel.submit(call.request, call.reply, sink=call.sink, ctx=ctx)
+    def _try_submit(self, call: FuseCall, ctx: RequestContext | None) -> bool:
+        """Place one call; True when it is done with (placed, or failed on its own)."""
+        try:
+            return self.channel.submit(call.request, call.reply, sink=call.sink, ctx=ctx)
+        except Exception as exc:  # one bad request must not take the device down
+            log.warning("cannot submit %r: %s", call.request, exc)
+            _fail(call.reply, OSError(errno.EINVAL, f"cannot submit the request: {exc}"))
+            return True
+
+    def _abandon(self, reply: Any) -> None:
+        for entry in [e for e in self.backlog if e[0].reply is reply]:
+            self.backlog.remove(entry)
+        self.channel.abandon(reply)
 
     def _harvest(self) -> None:
         for completion in self.channel.harvest():
             self._deliver(completion)
-        while self.backlog and self._try_submit(self.backlog[0]):
+        self._drain_backlog()
+
+    def _drain_backlog(self) -> None:
+        """Submit waiting calls in order while they fit. Retried after every harvest, so a
+        call that does not fit with nothing in flight would wait forever (no completion
+        will come to make room): it fails instead, with the reason check() gives."""
+        while self.backlog:
+            call, ctx = self.backlog[0]
+            if self._try_submit(call, ctx):
+                self.backlog.popleft()
+                continue
+            if self.channel.in_flight:
+                return
             self.backlog.popleft()
+            try:
+                self.channel.check(call.request)
+            except OSError as exc:
+                _fail(call.reply, exc)
+            else:
+                _fail(call.reply, OSError(errno.ENOMEM, "no room for the request in an idle "
+                                                        "device"))
 
     @staticmethod
     def _deliver(c: Completion) -> None:
@@ -265,12 +340,34 @@ class DeviceActor(pykka.ThreadingActor):
         inbox.unwatch()
         inbox.ring_has_used = None
         self._fail_everything(self.dead)
+        self._tell_watchers(self.dead)
 
     def _fail_everything(self, exc: OSError) -> None:
         for c in self.channel.fail_all(exc):
             self._deliver(c)
         while self.backlog:
-            _fail(self.backlog.popleft().reply, exc)
+            _fail(self.backlog.popleft()[0].reply, exc)
+
+    def _tell_watchers(self, exc: OSError, watchers: list[pykka.ActorRef[Any]] | None = None,
+                       ) -> None:
+        for ref in self.watchers if watchers is None else watchers:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(DeviceLost(detail=exc.strerror or str(exc)))
+        if watchers is None:
+            self.watchers.clear()
+
+
+def _context(ctx: Any) -> RequestContext | None:
+    """The request header's credentials, checked: each must fit its u32 field."""
+    if ctx is None:
+        return None
+    try:
+        uid, gid, pid = (int(v) for v in ctx)
+    except (TypeError, ValueError):
+        raise OSError(errno.EINVAL, f"malformed credentials {ctx!r}") from None
+    if not all(0 <= v <= 0xFFFF_FFFF for v in (uid, gid, pid)):
+        raise OSError(errno.EINVAL, f"credentials out of range: {ctx!r}")
+    return RequestContext(uid, gid, pid)
 
 
 def _fail(future: Any, exc: BaseException) -> None:
@@ -290,6 +387,39 @@ def call(device: pykka.ActorRef[DeviceActor], request: Any, *, sink: Any = None,
     except pykka.ActorDeadError:
         _fail(future, DeviceGone("virtio-fs device actor is stopped"))
     return future
+
+
+def wait(device: pykka.ActorRef[DeviceActor], future: pykka.Future[Any], request: Any,
+         timeout: float) -> Any:
+    """The reply ``future`` brings, or ETIMEDOUT after ``timeout`` seconds — and then the
+    request is abandoned first, so a late reply is never delivered (nor copied into the
+    caller's buffer after the caller moved on)."""
+    try:
+        return future.get(timeout=timeout)
+    except pykka.Timeout:
+        pass
+    with contextlib.suppress(Exception):  # a stuck or stopped device: nothing to undo
+        device.ask(Abandon(reply=future), timeout=1.0)
+    try:
+        # Once the device actor has handled Abandon, the reply either came just before
+        # (then it is here, and dropping it would leak what it carries: a lookup count,
+        # an open handle) or it will never be delivered.
+        return future.get(timeout=0)
+    except pykka.Timeout:
+        raise timed_out(device, request, timeout) from None
+
+
+def timed_out(device: pykka.ActorRef[DeviceActor], request: Any, timeout: float) -> OSError:
+    """The ETIMEDOUT for a request that got no reply in ``timeout`` seconds, saying what
+    the device actor had in hand then (in flight, waiting) — a healthy daemon answers in
+    milliseconds, so this is a bug to diagnose, not a condition to handle."""
+    what = Opcode(request.opcode).name if request is not None else "a request"
+    try:
+        stats = device.ask(DeviceStats(), timeout=1.0)
+        state = f"; device: {stats['in_flight']} in flight, {stats['backlog']} waiting"
+    except Exception:  # a stuck or stopped device actor: say so
+        state = "; the device actor does not answer"
+    return OSError(errno.ETIMEDOUT, f"no reply to {what} in {timeout:g} s{state}")
 
 
 def call_many(device: pykka.ActorRef[DeviceActor], requests: list[Any]) -> list[Any]:

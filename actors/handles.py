@@ -9,9 +9,11 @@ a normal stop (also when their session stops them), and when they die from an er
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +22,6 @@ import pykka
 from actors import device as dev
 from codec import fuse_requests as rq
 from codec import messages as m
-from codec.fuse_abi import Opcode
 from codec.fuse_types import Attr, Dirent, DirentPlus, InitOut
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ PAGE = 4096
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 MAX_OFFSET = (1 << 63) - 1
+MAX_RW_COUNT = (1 << 31) - PAGE  # Linux's cap on one read(2)/write(2)
+# Requests in flight per read/write call: enough to keep the daemon busy, and a bound on
+# what a read far past the end of a file sends.
+READ_WINDOW = 16
+WRITE_WINDOW = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +49,11 @@ class HandleLimits:
     timeout: float = 60.0
 
     @classmethod
-    def from_init(cls, init: InitOut, readdir_size: int) -> HandleLimits:
+    def from_init(cls, init: InitOut, readdir_size: int, timeout: float = 60.0) -> HandleLimits:
         pages = init.max_pages or 32  # before MAX_PAGES: the kernel's 128 KiB default
         max_read = min(pages * PAGE, 1 << 20)
         return cls(max_read=max_read, max_write=max(PAGE, min(init.max_write, 1 << 20)),
-                   readdir_size=min(readdir_size, max_read))
+                   readdir_size=min(readdir_size, max_read), timeout=timeout)
 
 
 class _HandleActor(pykka.ThreadingActor):
@@ -68,27 +74,32 @@ class _HandleActor(pykka.ThreadingActor):
         self._ctx: m.Credentials | None = None  # credentials of the message being handled
 
     def _call(self, request: Any, **kwargs: Any) -> Any:
-        try:
-            return dev.call(self.device, request, ctx=self._ctx, **kwargs).get(
-                timeout=self.limits.timeout)
-        except pykka.Timeout:
-            raise OSError(errno.ETIMEDOUT, f"no reply to {Opcode(request.opcode).name}") from None
+        future = dev.call(self.device, request, ctx=self._ctx, **kwargs)
+        return dev.wait(self.device, future, request, self.limits.timeout)
 
-    def _release_request(self) -> Any:
+    @staticmethod
+    def release_request(nodeid: int, fh: int, flags: int) -> Any:
+        """The request that gives the handle back (the session uses it too, when the
+        actor for a handle it opened cannot be started)."""
         raise NotImplementedError
+
+    def _tell_session(self, message: Any) -> None:
+        """Notes to the session are advisory: a session that is stopping has already
+        dropped its cache and forgets every node itself, so a dead one is no error."""
+        try:
+            self.session.tell(message)
+        except pykka.ActorDeadError:
+            pass
 
     def _release(self) -> None:
         if self.released:
             return
         self.released = True
         try:
-            self._call(self._release_request())
+            self._call(self.release_request(self.nodeid, self.fh, self.flags))
         except Exception as exc:
             log.warning("release of node %d fh %d failed: %s", self.nodeid, self.fh, exc)
-        try:
-            self.session.tell(m.Forgotten(nodeid=self.nodeid))
-        except pykka.ActorDeadError:
-            pass  # the session is stopping and forgets everything itself
+        self._tell_session(m.Forgotten(nodeid=self.nodeid))
 
     def on_stop(self) -> None:
         self._release()
@@ -117,16 +128,30 @@ class _HandleActor(pykka.ThreadingActor):
 
 class FileActor(_HandleActor):
     """An open file: read/write of any size (split into negotiated chunks, pipelined),
-    positions, fstat, fsync, flush, ftruncate, fallocate, poll."""
+    positions, fstat, fsync, flush, ftruncate, fallocate, poll.
+
+    A directory opened with open(2) is a file actor too, with ``O_DIRECTORY`` in its flags
+    (the session opened it with OPENDIR): read and write fail with EISDIR as on Linux, and
+    it is released with RELEASEDIR.
+    """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         # None: "at end of file, not yet known" — after an O_APPEND write the daemon
         # wrote at the end, wherever that was, and only a GETATTR tells.
         self.position: int | None = 0
+        self.directory = bool(self.flags & os.O_DIRECTORY)
 
-    def _release_request(self) -> Any:
-        return rq.release(self.nodeid, self.fh, self.flags)
+    @staticmethod
+    def release_request(nodeid: int, fh: int, flags: int) -> Any:
+        if flags & os.O_DIRECTORY:
+            return rq.releasedir(nodeid, fh)
+        return rq.release(nodeid, fh, flags)
+
+    def _data_handle(self) -> None:
+        """read/write need a file: Linux answers them with EISDIR on a directory."""
+        if self.directory:
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
 
     def _size(self) -> int:
         return self._call(rq.getattr(self.nodeid, self.fh)).attr.size
@@ -137,46 +162,85 @@ class FileActor(_HandleActor):
         return self.position
 
     def _changed(self) -> None:
-        self.session.tell(m.InvalidateAttr(nodeid=self.nodeid))
+        self._tell_session(m.InvalidateAttr(nodeid=self.nodeid))
 
     # -- read ------------------------------------------------------------------------------
 
     def _chunks(self, offset: int, size: int, step: int) -> list[tuple[int, int]]:
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        size = min(size, MAX_OFFSET - offset)
+        size = min(size, MAX_RW_COUNT, MAX_OFFSET - offset)
         return [(offset + i, min(step, size - i)) for i in range(0, size, step)]
 
-    def _read_at(self, offset: int, size: int, sink: memoryview | None) -> Any:
-        chunks = self._chunks(offset, size, self.limits.max_read)
-        futures = [
-            dev.call(self.device, rq.read(self.nodeid, self.fh, off, n), ctx=self._ctx,
-                     sink=None if sink is None else sink[off - offset:off - offset + n])
-            for off, n in chunks
-        ]
-        parts: list[Any] = []
-        error: BaseException | None = None
-        short = False
-        for (_, n), fut in zip(chunks, futures, strict=True):
+    def _transfer(self, chunks: list[tuple[int, int]], send: Callable[[int, int], Any],
+                  amount: Callable[[Any], int], window: int) -> tuple[list[Any], OSError | None]:
+        """Pipeline one request per chunk, at most ``window`` in flight, and collect the
+        replies in order.
+
+        Sending stops at the first short reply (end of file, disk full) or error — a huge
+        read of a small file costs a window of requests, not one per chunk — but every
+        request sent is waited for: a READ still in flight may write into the caller's
+        buffer. Returns the replies of the complete prefix and the first error.
+        """
+        results: list[Any] = []
+        error: OSError | None = None
+        pending: collections.deque[tuple[int, Any]] = collections.deque()
+        todo = iter(chunks)
+        done_sending = False
+        prefix_ended = False  # an error or a short reply: later replies do not count
+        while True:
+            while not done_sending and len(pending) < window:
+                chunk = next(todo, None)
+                if chunk is None:
+                    done_sending = True
+                else:
+                    pending.append((chunk[1], send(*chunk)))
+            if not pending:
+                return results, error
+            size, future = pending.popleft()
+            # Once one request timed out the device is stuck: give up on the rest at once
+            # (each is abandoned) instead of waiting a full timeout for every one.
+            stuck = error is not None and error.errno == errno.ETIMEDOUT
             try:
-                got = fut.get(timeout=self.limits.timeout)
-            except pykka.Timeout:
-                error = error or OSError(errno.ETIMEDOUT, "READ timed out")
-                continue
+                got = dev.wait(self.device, future, None, 0.0 if stuck else self.limits.timeout)
             except OSError as exc:
-                error = error or exc
+                got, error = None, error or exc
+            if error is not None or prefix_ended:
+                done_sending = prefix_ended = True
                 continue
-            if error is None and not short:
-                parts.append(got)
-                if (got if sink is not None else len(got)) < n:
-                    short = True  # end of file: later chunks are past it
-        if error is not None and not parts:
+            results.append(got)
+            if amount(got) < size:
+                done_sending = prefix_ended = True
+
+    @staticmethod
+    def _outcome(error: OSError | None, progress: int) -> None:
+        """Raise ``error`` unless the call made progress and may return a short count, as
+        read(2)/write(2) do (the next call meets the error again). A lost device always
+        raises: a short read would pass for the end of the file."""
+        if error is None:
+            return
+        if progress == 0 or error.errno == errno.ENOTCONN:
             raise error
+
+    def _read_at(self, offset: int, size: int, sink: memoryview | None) -> Any:
+        def send(off: int, n: int) -> Any:
+            part = None if sink is None else sink[off - offset:off - offset + n]
+            return dev.call(self.device, rq.read(self.nodeid, self.fh, off, n), ctx=self._ctx,
+                            sink=part)
+
+        def amount(got: Any) -> int:
+            return got if sink is not None else len(got)
+
+        parts, error = self._transfer(self._chunks(offset, size, self.limits.max_read), send,
+                                      amount, READ_WINDOW)
+        total = sum(amount(p) for p in parts)
+        self._outcome(error, total)
         if sink is not None:
-            return sum(parts)
+            return total
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read(self, msg: m.Read) -> bytes:
+        self._data_handle()
         offset = self._pos() if msg.offset is None else msg.offset
         data: bytes = self._read_at(offset, msg.size, None) if msg.size else b""
         if msg.offset is None:
@@ -184,6 +248,7 @@ class FileActor(_HandleActor):
         return data
 
     def _readinto(self, msg: m.ReadInto) -> int:
+        self._data_handle()
         buf = memoryview(msg.buffer).cast("B")
         offset = self._pos() if msg.offset is None else msg.offset
         n: int = self._read_at(offset, len(buf), buf) if len(buf) else 0
@@ -194,42 +259,25 @@ class FileActor(_HandleActor):
     # -- write -----------------------------------------------------------------------------
 
     def _write(self, msg: m.Write) -> int:
+        self._data_handle()
         data = memoryview(msg.data).cast("B")
         append = bool(self.flags & os.O_APPEND)
         offset = (0 if append else self._pos()) if msg.offset is None else msg.offset
+
+        def send(off: int, n: int) -> Any:
+            piece = data[off - offset:off - offset + n]
+            return dev.call(self.device, rq.write(self.nodeid, self.fh, off, piece),
+                            ctx=self._ctx)
+
         chunks = self._chunks(offset, len(data), self.limits.max_write)
-        if append and len(chunks) > 1:
-            # Each WRITE appends at the then-current end: send them one at a time so the
-            # pieces land in order.
-            futures = []
-            for off, n in chunks:
-                f = dev.call(self.device, rq.write(self.nodeid, self.fh, off,
-                                                   data[off - offset:off - offset + n]),
-                             ctx=self._ctx)
-                f.get(timeout=self.limits.timeout)
-                futures.append(f)
-        else:
-            futures = [dev.call(self.device, rq.write(self.nodeid, self.fh, off,
-                                                      data[off - offset:off - offset + n]),
-                                ctx=self._ctx)
-                       for off, n in chunks]
-        written = 0
-        error: BaseException | None = None
-        for (_, n), fut in zip(chunks, futures, strict=True):
-            try:
-                got = fut.get(timeout=self.limits.timeout).size
-            except (OSError, pykka.Timeout) as exc:
-                error = error or (exc if isinstance(exc, OSError)
-                                  else OSError(errno.ETIMEDOUT, "WRITE timed out"))
-                continue
-            if error is None:
-                written += got
-                if got < n:
-                    error = OSError(errno.EIO, "short write")  # stop counting past a gap
+        # With O_APPEND each WRITE lands at the then-current end: one at a time, so the
+        # pieces land in order.
+        replies, error = self._transfer(chunks, send, lambda out: out.size,
+                                        1 if append else WRITE_WINDOW)
         if chunks:
             self._changed()
-        if error is not None and written == 0:
-            raise error
+        written = sum(out.size for out in replies)
+        self._outcome(error, written)
         if msg.offset is None:
             self.position = None if append else offset + written
         return written
@@ -257,7 +305,8 @@ class FileActor(_HandleActor):
         return self._call(rq.getattr(self.nodeid, self.fh)).attr
 
     def _fsync(self, msg: m.FSync) -> None:
-        self._call(rq.fsync(self.nodeid, self.fh, msg.datasync))
+        sync = rq.fsyncdir if self.directory else rq.fsync
+        self._call(sync(self.nodeid, self.fh, msg.datasync))
 
     def _flush(self, msg: m.Flush) -> None:
         self._call(rq.flush(self.nodeid, self.fh))
@@ -294,8 +343,9 @@ class DirectoryActor(_HandleActor):
         self.cookie = 0
         self.at_end = False
 
-    def _release_request(self) -> Any:
-        return rq.releasedir(self.nodeid, self.fh)
+    @staticmethod
+    def release_request(nodeid: int, fh: int, flags: int) -> Any:
+        return rq.releasedir(nodeid, fh)
 
     def _readdir(self, msg: m.ReadDir) -> list[Dirent] | list[DirentPlus]:
         if self.at_end:
@@ -306,7 +356,7 @@ class DirectoryActor(_HandleActor):
             if batch:
                 # Each entry with a node id is a lookup the daemon counted: the session
                 # takes them over (cache + FORGET later).
-                self.session.tell(m.LearnEntries(parent=self.nodeid, entries=batch))
+                self._tell_session(m.LearnEntries(parent=self.nodeid, entries=batch))
             cookies = [e.dirent.off for e in batch]
         else:
             batch = self._call(rq.readdir(self.nodeid, self.fh, self.cookie, size))

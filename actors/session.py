@@ -9,7 +9,11 @@ State (all of it in :class:`SessionActor`, touched only by its thread):
 * ``nodes`` — node id → :class:`_Node` (nlookup count, pins by open handles, cached attrs),
   kept in LRU order; unpinned nodes beyond ``max_nodes`` are evicted with BATCH_FORGET.
 * ``dentries`` — (parent, name) → (node id, expiry): the lookup cache, honouring the
-  daemon's entry timeouts; attributes honour the attr timeouts.
+  daemon's entry timeouts; attributes honour the attr timeouts. Mount roots (the share's
+  root included) are pinned: closing a handle on one never drops what is cached below.
+* ``lost`` — set when the device actor reports the device gone (``DeviceLost``, to which
+  the session subscribes on start): from then on every request fails with ENOTCONN,
+  answers the cache could give included.
 
 Paths are walked one component at a time (LOOKUP takes one name: DESIGN.md §3), ``..``
 never climbs above a mount's root, and symlinks are followed like POSIX: relative targets
@@ -34,8 +38,9 @@ from actors import device as dev
 from actors.handles import DirectoryActor, FileActor, HandleLimits
 from codec import fuse_requests as rq
 from codec import messages as m
-from codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, Opcode
+from codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, RENAME_EXCHANGE
 from codec.fuse_types import Attr, Dirent, DirentPlus, EntryOut, InitOut
+from hw.transport import DeviceGone
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +135,14 @@ class SessionActor(pykka.ThreadingActor):
         self.children: dict[int, set[bytes]] = {}
         self.handles: set[pykka.ActorRef[Any]] = set()
         self.forgets_sent = 0
+        self.lost: DeviceGone | None = None  # the device died: nothing is answered any more
         self._ctx: m.Credentials | None = None  # credentials of the message being handled
 
     # -- device access ---------------------------------------------------------------------
 
     def _call(self, request: Any) -> Any:
         future = dev.call(self.device, request, ctx=self._ctx)
-        try:
-            return future.get(timeout=self.config.request_timeout)
-        except pykka.Timeout:
-            raise OSError(errno.ETIMEDOUT, f"no reply to {Opcode(request.opcode).name}") from None
+        return dev.wait(self.device, future, request, self.config.request_timeout)
 
     def _send_forgets(self, items: list[tuple[int, int]]) -> None:
         """FORGET/BATCH_FORGET go out on the hiprio queue without waiting."""
@@ -160,7 +163,12 @@ class SessionActor(pykka.ThreadingActor):
             raise OSError(errno.EPROTONOSUPPORT,
                           f"device speaks FUSE {init.major}.{init.minor}; need 7.{MIN_MINOR}+")
         self.init = init
-        self.limits = HandleLimits.from_init(init, self.config.readdir_size)
+        self.limits = HandleLimits.from_init(init, self.config.readdir_size,
+                                             self.config.request_timeout)
+        # Like every mount root, the share's root is pinned: closing a handle on it or
+        # evicting must never drop it (with it would go the dentries of everything below,
+        # and the FORGETs those nodes are owed).
+        self._node(FUSE_ROOT_ID).pins += 1
         base = FUSE_ROOT_ID
         if self.config.root and self.config.root.strip("/"):
             self.mounts = {b"": FUSE_ROOT_ID}
@@ -208,6 +216,14 @@ class SessionActor(pykka.ThreadingActor):
             with contextlib.suppress(OSError):
                 self._call(rq.releasedir(nodeid, fh))
 
+    def on_start(self) -> None:
+        # The cache could otherwise keep answering stat() after the daemon died.
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.device.tell(m.WatchDevice(watcher=self.actor_ref))
+
+    def _device_lost(self, msg: m.DeviceLost) -> None:
+        self.lost = DeviceGone(msg.detail)
+
     def on_stop(self) -> None:
         self._teardown()
 
@@ -220,8 +236,9 @@ class SessionActor(pykka.ThreadingActor):
             with contextlib.suppress(Exception):
                 ref.stop(block=True, timeout=self.config.request_timeout)
         self.handles.clear()
-        self._send_forgets([(n.nodeid, n.nlookup) for n in self.nodes.values()
-                            if n.nlookup > 0 and n.nodeid != FUSE_ROOT_ID])
+        if self.lost is None:
+            self._send_forgets([(n.nodeid, n.nlookup) for n in self.nodes.values()
+                                if n.nlookup > 0 and n.nodeid != FUSE_ROOT_ID])
         self.nodes.clear()
         self.dentries.clear()
         self.children.clear()
@@ -243,14 +260,17 @@ class SessionActor(pykka.ThreadingActor):
         node.nlookup += 1
         node.attr = entry.attr
         node.attr_expiry = _expiry(entry.attr_valid, entry.attr_valid_nsec)
+        self._add_dentry(parent, name, node, _expiry(entry.entry_valid, entry.entry_valid_nsec))
+        return node
+
+    def _add_dentry(self, parent: int, name: bytes, node: _Node, expiry: float) -> None:
         key = (parent, name)
         old = self.dentries.get(key)
         if old is not None and old[0] != node.nodeid:
             self._drop_dentry(parent, name)
-        self.dentries[key] = (node.nodeid, _expiry(entry.entry_valid, entry.entry_valid_nsec))
+        self.dentries[key] = (node.nodeid, expiry)
         self.children.setdefault(parent, set()).add(name)
         node.names.add(key)
-        return node
 
     def _drop_dentry(self, parent: int, name: bytes, *, forget_orphan: bool = True) -> None:
         entry = self.dentries.pop((parent, name), None)
@@ -274,14 +294,14 @@ class SessionActor(pykka.ThreadingActor):
             kids = self.children.get(parent)
             if kids is not None:
                 kids.discard(name)
-        for name in self.children.pop(node.nodeid, set()):
-            child = self.dentries.pop((node.nodeid, name), None)
-            if child is not None and (c := self.nodes.get(child[0])) is not None:
-                c.names.discard((node.nodeid, name))
         node.names.clear()
         if node.nlookup > 0 and node.nodeid != FUSE_ROOT_ID:
             self._send_forgets([(node.nodeid, node.nlookup)])
         node.nlookup = 0
+        # What was cached below goes too: a child left without a name could never be
+        # reached again, and would hold its lookups (and the daemon's fd) until evicted.
+        for name in self.children.pop(node.nodeid, set()):
+            self._drop_dentry(node.nodeid, name)
 
     def _evict(self) -> None:
         """Keep the node table bounded: forget the least recently used unpinned nodes."""
@@ -459,6 +479,8 @@ class SessionActor(pykka.ThreadingActor):
 
     def _with_path(self, fn: Any, message: Any) -> Any:
         try:
+            if self.lost is not None:
+                raise self.lost
             return fn(self, message)
         except OSError as exc:
             if exc.filename is not None:
@@ -546,16 +568,32 @@ class SessionActor(pykka.ThreadingActor):
     def _rename(self, msg: m.Rename) -> None:
         sparent, sname = self._parent(msg.src)
         dparent, dname = self._parent(msg.dst)
-        self._lookup(sparent.nodeid, sname)  # see _unlink
-        if msg.flags & 2:  # RENAME_EXCHANGE: both ends must be known to the daemon
-            self._lookup(dparent.nodeid, dname)
+        src = self._lookup(sparent.nodeid, sname)  # see _unlink
+        # The destination too, as the kernel has it: with RENAME_EXCHANGE the daemon needs
+        # it, and a file replaced here may have other names whose link count drops.
+        try:
+            dst: _Node | None = self._lookup(dparent.nodeid, dname)
+        except FileNotFoundError:
+            if msg.flags & RENAME_EXCHANGE:
+                raise
+            dst = None
+        expiry = self.dentries.get((sparent.nodeid, sname), (0, 0.0))[1]
         self._call(rq.rename(sparent.nodeid, sname, dparent.nodeid, dname, msg.flags))
-        moved = self.dentries.get((sparent.nodeid, sname))
+        self._invalidate(sparent.nodeid, dparent.nodeid, src.nodeid)
+        if dst is not None and dst.nodeid == src.nodeid:
+            return  # two names of one file: rename(2) leaves both
+        # Move the cached names along (the kernel's d_move) rather than forget and look
+        # the nodes up again.
         self._drop_dentry(sparent.nodeid, sname, forget_orphan=False)
-        self._drop_dentry(dparent.nodeid, dname)
-        self._invalidate(sparent.nodeid, dparent.nodeid)
-        if moved is not None:
-            self._invalidate(moved[0])
+        if msg.flags & RENAME_EXCHANGE:
+            assert dst is not None
+            dst_expiry = self.dentries.get((dparent.nodeid, dname), (0, 0.0))[1]
+            self._drop_dentry(dparent.nodeid, dname, forget_orphan=False)
+            self._add_dentry(sparent.nodeid, sname, dst, dst_expiry)
+        elif dst is not None:
+            self._invalidate(dst.nodeid)
+            self._drop_dentry(dparent.nodeid, dname)  # forgotten unless open or linked
+        self._add_dentry(dparent.nodeid, dname, src, expiry)
 
     def _setattr(self, msg: m.SetAttr) -> Attr:
         node = self._walk(msg.path, follow=msg.follow)
@@ -755,6 +793,7 @@ SessionActor._HANDLERS = {
     m.SessionStats: SessionActor._stats,
     m.ListMounts: SessionActor._list_mounts,
     m.Mount: lambda self, msg: self._mount(),
+    m.DeviceLost: SessionActor._device_lost,
 }
 
 

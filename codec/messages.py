@@ -1,8 +1,9 @@
 """The messages actors exchange: frozen msgspec Structs, defined once, used on every path.
 
 Paths and names are ``bytes`` (the API encodes callers' ``str`` with ``os.fsencode``): a
-name need not be UTF-8, and msgpack must carry it unchanged. Times are ``(seconds, nanoseconds)`` pairs. Replies are the typed
-values of :mod:`codec.fuse_types` or plain Python values, as documented per message.
+name need not be UTF-8, and msgpack must carry it unchanged. Times are
+``(seconds, nanoseconds)`` pairs. Replies are the typed values of :mod:`codec.fuse_types`
+or plain Python values, as documented per message.
 
 The in-process hop to the device carries a reply future (``FuseCall.reply``); everything
 else is plain data and can be msgpack-encoded to cross a process boundary: each message is
@@ -43,6 +44,30 @@ class FuseCall(_Msg):
     request: Any
     reply: Any
     sink: Any = None
+
+
+class Abandon(_Msg):
+    """The caller of the :class:`FuseCall` whose future is ``reply`` gave up (a timeout):
+    drop it if it still waits, and never deliver its reply — nor copy a READ into its
+    ``sink``. In-process only. Reply: None (ask, so that once it returns the caller's
+    buffer is its own again)."""
+
+    reply: Any
+
+
+class WatchDevice(_Msg):
+    """Subscribe ``watcher`` (an actor ref, in-process only) to :class:`DeviceLost`: it is
+    told once when the device dies or its actor stops — at once if that already happened.
+    No reply."""
+
+    watcher: Any
+
+
+class DeviceLost(_Msg):
+    """Told by the device actor to its watchers: the device is gone (``detail`` says why).
+    Every request from now on fails with ENOTCONN, and a cache must not answer either."""
+
+    detail: str
 
 
 class DeviceStats(_Msg):

@@ -902,11 +902,9 @@ def test_actor_stack_reply_that_never_comes_times_out() -> None:
         r.assert_no_leaks()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "actor path: a request whose caller timed out is not abandoned in the device actor, "
-    "so a late positive LOOKUP reply's lookup is never forgotten (needs the session/handle "
-    "timeouts to tell the device actor; BlockingDevice does it via FuseChannel.abandon)"))
 def test_actor_stack_late_lookup_reply_is_forgotten() -> None:
+    """A caller that timed out abandons its request in the device actor: the late
+    positive LOOKUP reply's lookup is forgotten, not leaked."""
     with make_fs(request_timeout=0.3) as r:
         r.backend.arm(Opcode.LOOKUP, _set(hold=True), match=lambda q: q.name == b"empty")
         with pytest.raises(OSError):
