@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import pykka
 
 from actors import device as dev
+from actors.published import PublishedAttrs
 from codec import fuse_requests as rq
 from codec import messages as m
 from codec.fuse_types import Attr, Dirent, DirentPlus, InitOut
@@ -62,8 +63,10 @@ class _HandleActor(pykka.ThreadingActor):
     use_daemon_thread = True
 
     def __init__(self, device: pykka.ActorRef[Any], session: pykka.ActorRef[Any],
-                 nodeid: int, fh: int, flags: int, limits: HandleLimits) -> None:
+                 nodeid: int, fh: int, flags: int, limits: HandleLimits,
+                 published: PublishedAttrs | None = None) -> None:
         super().__init__()
+        self.published = published
         self.device = device
         self.session = session
         self.nodeid = nodeid
@@ -162,6 +165,8 @@ class FileActor(_HandleActor):
         return self.position
 
     def _changed(self) -> None:
+        if self.published is not None:
+            self.published.invalidate_node(self.nodeid)  # before our caller hears back
         self._tell_session(m.InvalidateAttr(nodeid=self.nodeid))
 
     # -- read ------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import pykka
 
 from actors import device as dev
 from actors.handles import DirectoryActor, FileActor, HandleLimits
+from actors.published import PublishedAttrs
 from codec import fuse_requests as rq
 from codec import messages as m
 from codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, RENAME_EXCHANGE
@@ -123,10 +124,12 @@ class SessionActor(pykka.ThreadingActor):
 
     use_daemon_thread = True
 
-    def __init__(self, device: pykka.ActorRef[Any], config: SessionConfig | None = None) -> None:
+    def __init__(self, device: pykka.ActorRef[Any], config: SessionConfig | None = None,
+                 published: PublishedAttrs | None = None) -> None:
         super().__init__()
         self.device = device
         self.config = config or SessionConfig()
+        self.published = published or PublishedAttrs()
         self.init: InitOut | None = None
         self.limits: HandleLimits | None = None
         self.mounts: dict[bytes, int] = {}
@@ -223,6 +226,7 @@ class SessionActor(pykka.ThreadingActor):
 
     def _device_lost(self, msg: m.DeviceLost) -> None:
         self.lost = DeviceGone(msg.detail)
+        self.published.disable()
 
     def on_stop(self) -> None:
         self._teardown()
@@ -336,6 +340,7 @@ class SessionActor(pykka.ThreadingActor):
 
     def _invalidate(self, *nodeids: int) -> None:
         for nodeid in nodeids:
+            self.published.invalidate_node(nodeid)
             node = self.nodes.get(nodeid)
             if node is not None:
                 node.attr_expiry = 0.0
@@ -476,6 +481,9 @@ class SessionActor(pykka.ThreadingActor):
             return handler(self, message)
         finally:
             self._ctx = None
+            if isinstance(message, _CHANGES) or (
+                    isinstance(message, m.Open) and message.flags & (os.O_CREAT | os.O_TRUNC)):
+                self.published.clear()  # a change anywhere may reach any published path
 
     def _with_path(self, fn: Any, message: Any) -> Any:
         try:
@@ -490,7 +498,16 @@ class SessionActor(pykka.ThreadingActor):
             raise _err(exc, src, dst) from None
 
     def _stat(self, msg: m.Stat) -> Attr:
-        return self._attr(self._walk(msg.path, follow=msg.follow))
+        node = self._walk(msg.path, follow=msg.follow)
+        attr = self._attr(node)
+        if msg.ctx is None:
+            # Publish for lock-free warm stats, valid while both the attributes and the
+            # name that led here are (the daemon's attr and entry timeouts).
+            expiry = min([node.attr_expiry] + [self.dentries[k][1] for k in node.names
+                                               if k in self.dentries])
+            self.published.put(os.fsencode(msg.path), msg.follow, attr.to_stat_result(),
+                               expiry, node.nodeid)
+        return attr
 
     def _access(self, msg: m.Access) -> None:
         node = self._walk(msg.path)
@@ -710,7 +727,8 @@ class SessionActor(pykka.ThreadingActor):
         assert self.limits is not None
         node.pins += 1
         try:
-            ref = cls.start(self.device, self.actor_ref, node.nodeid, fh, flags, self.limits)
+            ref = cls.start(self.device, self.actor_ref, node.nodeid, fh, flags, self.limits,
+                            self.published)
         except BaseException:
             node.pins -= 1
             with contextlib.suppress(OSError):
@@ -768,6 +786,10 @@ def _path_handler(fn: Any) -> Any:
     return lambda self, msg: self._with_path(fn, msg)
 
 
+# Messages after which no published path result can be trusted (see on_receive).
+_CHANGES = (m.MakeDir, m.MakeNode, m.Symlink, m.Link, m.Unlink, m.RemoveDir, m.Rename,
+            m.SetAttr, m.SetXattr, m.RemoveXattr)
+
 SessionActor._HANDLERS = {
     m.Stat: _path_handler(SessionActor._stat),
     m.Access: _path_handler(SessionActor._access),
@@ -797,11 +819,12 @@ SessionActor._HANDLERS = {
 }
 
 
-def open_session(device: pykka.ActorRef[Any],
-                 config: SessionConfig | None = None) -> pykka.ActorRef[SessionActor]:
+def open_session(device: pykka.ActorRef[Any], config: SessionConfig | None = None,
+                 published: PublishedAttrs | None = None) -> pykka.ActorRef[SessionActor]:
     """Start a session actor on ``device`` and mount it (FUSE_INIT); errors are raised here,
-    and the half-started actor is stopped."""
-    ref = SessionActor.start(device, config)
+    and the half-started actor is stopped. ``published``: where the session publishes
+    attributes for lock-free warm stats (see :mod:`actors.published`)."""
+    ref = SessionActor.start(device, config, published)
     try:
         ref.ask(m.Mount())
     except BaseException:

@@ -27,8 +27,9 @@ import msgspec
 import pykka
 
 from actors.device import DeviceActor
+from actors.published import PublishedAttrs
 from actors.session import SessionConfig, open_session
-from api.fs import DirEntry, RawFile, ShareFS
+from api.fs import DirEntry, PathLike, RawFile, ShareFS
 from codec import messages as m
 from hw.transport import VhostUserTransport, VirtioTransport, open_private_device
 
@@ -92,9 +93,10 @@ class _Connection:
 
     def _start(self, transport: VirtioTransport) -> None:
         self.transport = transport
+        self.published = PublishedAttrs()
         self.device = DeviceActor.start(transport, busy_poll=self.busy_poll)
         try:
-            self.session = open_session(self.device, self.config)
+            self.session = open_session(self.device, self.config, self.published)
         except BaseException:
             self.device.stop()
             raise
@@ -157,6 +159,14 @@ class VirtioFS(ShareFS):
         to a socket): with the namespace sandbox, the daemon's worker child."""
         daemon = getattr(self.transport, "daemon", None)
         return daemon.worker_pid() if daemon is not None else None
+
+    def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
+        # Warm stats come straight from what the session published: no actor hop.
+        if self.ctx is None:
+            hit = self._conn.published.get(os.fsencode(path), follow_symlinks)
+            if hit is not None:
+                return hit
+        return super().stat(path, follow_symlinks=follow_symlinks)
 
     # -- transport hooks --------------------------------------------------------------------
 
