@@ -36,7 +36,9 @@ COPY_CHUNK = 1 << 20
 def open_share(share: str) -> ShareFS:
     """A local folder (private daemon) or a server endpoint."""
     if share.startswith(REMOTE_SCHEMES):
-        fs = connect_remote(share, timeout=5.0)
+        from api.keys import curve_from_env
+
+        fs = connect_remote(share, timeout=5.0, curve=curve_from_env())
         try:
             fs.stat("/")  # fail now, with a clear message, if nobody answers
         except BaseException:
@@ -542,7 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of client silence before its handles are released")
     p.set_defaults(func=cmd_serve)
 
-    from api import fusemount
+    from api import agent, fusemount, keys
+
+    agent.add_agent_parser(sub)
+    agent.add_status_parser(sub)
+    keys.add_keygen_parser(sub)
 
     p = sub.add_parser("mount", help="mount a share with FUSE so every program can use it",
                        description=fusemount.cmd_mount.__doc__)

@@ -53,6 +53,7 @@ __all__ = ["ShareServer", "Tenant", "TenantLimits", "TenantStats"]
 
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to restart a tenant's dead share
+DRAIN_LINGER_MS = 2000  # how long the last replies of a drain may take to leave
 _DIR_OPS = (m.ReadDir, m.Rewind, m.FSyncDir)
 _OPEN_OPS = (m.Open, m.OpenDir)
 
@@ -68,7 +69,7 @@ class TenantLimits:
     token bucket holding one second's worth (``EAGAIN`` when empty).
     ``requests_in_flight``: requests handed to the tenant's actors at once; the rest wait
     in the tenant's queue (at most ``max_queued``, ``EAGAIN`` beyond) and the queues of
-    all tenants are served round-robin.
+    all tenants are served round-robin. ``Close`` is never refused (that would leak).
     """
 
     open_handles: int | None = None
@@ -247,6 +248,7 @@ class ShareServer:
         self._error: BaseException | None = None
         self.requests_served = 0
         self.malformed = 0
+        self._refused: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -376,13 +378,20 @@ class ShareServer:
                     next_sweep = now + 1.0
                 if self._drain_until is not None and (now >= self._drain_until
                                                       or self._idle()):
+                    left = sum(t.stats.requests_in_flight + t.stats.queued
+                               for t in {id(c.tenant): c.tenant
+                                         for c in self._clients.values()}.values())
+                    self._event("drained", None, "drain over; %d requests unanswered", left,
+                                unanswered=left, timed_out=now >= self._drain_until)
                     break
         finally:
             self._run_calls()
             for client in list(self._clients.values()):
                 self._drop(client, "server stopping")
             self._send_completed(sock)
-            sock.close(0)
+            # After a drain, give the last replies a moment to leave (linger 0 would drop
+            # whatever ZeroMQ has not written to the network yet).
+            sock.close(DRAIN_LINGER_MS if self._drain_until is not None else 0)
             if self._own_context:
                 self.context.term()
             with contextlib.suppress(OSError):
@@ -468,8 +477,13 @@ class ShareServer:
     def _refuse(self, sock: zmq.Socket[Any], identity: bytes, frames: list[zmq.Frame],
                 client: _Client | None) -> None:
         tenant = client.tenant if client is not None else None
-        self._event("refused", tenant, "refusing a client with no tenant", level=logging.WARNING,
-                    client=identity.hex()[:8], reason="no tenant for this peer")
+        if identity not in self._refused:  # one line per peer, not one per message
+            self._refused[identity] = None
+            if len(self._refused) > 4096:
+                self._refused.popitem(last=False)
+            self._event("refused", tenant, "refusing a client with no tenant",
+                        level=logging.WARNING, client=identity.hex()[:8],
+                        reason="no tenant for this peer")
         request_id = _peek_id([f.buffer for f in frames[1:]])
         self._reply(sock, identity, request_id, error=wire.WireError(
             errno.EACCES, "not authorised for this server"))
@@ -500,7 +514,8 @@ class ShareServer:
         if isinstance(op, wire.HANDLE_OPS) and handle not in client.handles:
             raise OSError(errno.EBADF, "no such handle on this connection")
         now = time.monotonic()
-        if limits.requests_per_second is not None:
+        closing = isinstance(op, m.Close)  # never refused: a refused Close would leak
+        if limits.requests_per_second is not None and not closing:
             rate = limits.requests_per_second
             stats._tokens = min(max(rate, 1.0),
                                 stats._tokens + (now - stats._tokens_at) * rate)
@@ -517,7 +532,7 @@ class ShareServer:
         key = id(tenant)
         entry = self._queues.get(key)
         queue = entry[1] if entry is not None else None
-        if queue and len(queue) >= limits.max_queued:
+        if queue and len(queue) >= limits.max_queued and not closing:
             raise self._reject(tenant, errno.EAGAIN, "requests queued")
         stats.requests += 1
         stats._rate_count += 1
@@ -542,7 +557,12 @@ class ShareServer:
         cap = tenant.limits.requests_in_flight
         if cap is not None and stats.requests_in_flight >= cap:
             return False
-        if tenant.alive():
+        try:
+            alive = tenant.alive()
+        except Exception:
+            log.exception("checking the share of tenant %s failed", tenant.name)
+            alive = False
+        if alive:
             return True
         self._start_restart(tenant)
         return not stats.restarting
@@ -707,10 +727,12 @@ class ShareServer:
         ref = opened.actor
         tenant = client.tenant
         if self._clients.get(client.identity) is not client:
-            ref.stop(block=False)  # the client left while its open was in flight
+            with contextlib.suppress(Exception):
+                ref.stop(block=False)  # the client left while its open was in flight
             return None
         if generation != tenant.stats.generation:
-            ref.stop(block=False)  # opened on a share that has been restarted since
+            with contextlib.suppress(Exception):
+                ref.stop(block=False)  # opened on a share that has been restarted since
             return OSError(errno.ESTALE, "the share was restarted while opening")
         handle = secrets.randbits(62) | 1
         while handle in client.handles:

@@ -228,11 +228,15 @@ class Virtiofsd:
             return None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the daemon (tests use this to simulate a crash)."""
+        """Send ``sig`` to the daemon and its worker (tests use this to simulate a crash).
+
+        The daemon runs in its own process group; with the namespace sandbox its worker
+        child holds the connection too, so signalling only the parent would leave the
+        device alive."""
         if self.alive():
             assert self._proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(sig)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, sig)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the daemon (it normally exits by itself once our connection closes)."""
