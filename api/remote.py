@@ -54,13 +54,14 @@ def connect_remote(endpoint: str, *, timeout: float = 60.0, heartbeat_interval: 
 
 
 class _Call:
-    __slots__ = ("data", "done", "header", "op")
+    __slots__ = ("data", "done", "header", "op", "unreachable")
 
     def __init__(self, op: Any) -> None:
         self.op = op
         self.done = threading.Event()
         self.header: wire.ReplyHeader | None = None
         self.data: Any = None
+        self.unreachable = False
 
 
 def _raise(error: wire.WireError, name: str | None) -> None:
@@ -81,7 +82,7 @@ class RemoteFS(ShareFS):
         self.ctx = (os.geteuid(), os.getegid(), os.getpid()) if send_credentials else None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Call] = {}
-        self._outbox: collections.deque[list[Any]] = collections.deque()
+        self._outbox: collections.deque[tuple[int, list[Any]]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._closing = threading.Event()
         self._context = zmq.Context()
@@ -129,15 +130,25 @@ class RemoteFS(ShareFS):
             while not self._closing.is_set() or self._outbox:
                 now = time.monotonic()
                 if now >= next_ping:
-                    sock.send(wire.encode_request(0, wire.Ping()))
+                    # Never block the I/O thread: with no connection (or a failed CURVE
+                    # handshake) ZeroMQ would hold the send forever.
+                    with contextlib.suppress(zmq.Again):
+                        sock.send(wire.encode_request(0, wire.Ping()), zmq.NOBLOCK)
                     next_ping = now + self.heartbeat_interval
                 events = dict(poller.poll(max(0.0, next_ping - now) * 1000))
                 if events.get(self._wake):
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self._wake)
                 while self._outbox:
-                    frames = self._outbox.popleft()
-                    sock.send_multipart(frames, copy=len(frames) == 1 or len(frames[1]) < 65536)
+                    request_id, frames = self._outbox.popleft()
+                    try:
+                        sock.send_multipart(frames, zmq.NOBLOCK,
+                                            copy=len(frames) == 1 or len(frames[1]) < 65536)
+                    except zmq.Again:
+                        call = self._pending.pop(request_id, None)
+                        if call is not None:
+                            call.unreachable = True
+                            call.done.set()
                 if events.get(sock):
                     self._receive(sock)
         finally:
@@ -177,13 +188,16 @@ class RemoteFS(ShareFS):
         frames: list[Any] = [wire.encode_request(request_id, op, handle)]
         if data is not None:
             frames.append(data)
-        self._outbox.append(frames)
+        self._outbox.append((request_id, frames))
         os.eventfd_write(self._wake, 1)
         if not call.done.wait(self.timeout):
             self._pending.pop(request_id, None)
             raise OSError(errno.ETIMEDOUT, f"no reply from {self.endpoint} within "
                                            f"{self.timeout:g} s", name)
         header = call.header
+        if call.unreachable:
+            raise OSError(errno.ENOTCONN, f"cannot reach {self.endpoint} (not connected, "
+                                          "or its queue is full)", name)
         if header is None:
             raise OSError(errno.ENOTCONN, "the share is closed")
         if header.error is not None:
