@@ -41,6 +41,7 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -61,7 +62,8 @@ MiB = 1 << 20
 KiB = 1 << 10
 HERMIT_REQUEST = 64 * KiB  # Hermit's MAX_READ_LEN / MAX_WRITE_LEN
 HERMIT_QUEUE_SIZE = 2  # one request = 2 descriptors: one request in flight
-WARM_CHUNK = 256  # stat_warm: prime this many names, then time them (cache timeout 1 s)
+WARM_CHUNK = 64  # stat_warm: prime this many names, then time them: both well within
+# virtiofsd's 1 s cache=auto timeout, even on a busy machine
 CONFIG_ORDER = ("native", "inproc", "remote", "hermit")
 
 
@@ -81,14 +83,14 @@ class BenchParams:
     getattr_calls: int = 10_000
     streams: int = 16
     reps: int = 5
-    warmup: bool = True  # one unrecorded repetition first
+    warmup: bool = False  # one unrecorded repetition first (--warmup)
     quick: bool = False
 
     @classmethod
     def quick_params(cls) -> BenchParams:
         """The ~1-minute version: same call sizes, fewer files and a smaller big file."""
         return cls(big_size=32 * MiB, files=200, random_reads=500, getattr_calls=500,
-                   reps=5, warmup=False, quick=True)
+                   reps=5, quick=True)
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -306,22 +308,40 @@ class Runner:
 
 
 def _local_fs(share: str, binary: str | None, *, hermit: bool) -> tuple[Any, dict[str, int]]:
-    """A VirtioFS on a private virtiofsd: default tunables, or the Hermit driver's."""
+    """A VirtioFS on a private virtiofsd: default tunables, or the Hermit driver's.
+
+    Hermit-like = 64 KiB requests and one request in flight. Uses the tunables
+    ``SessionConfig.max_request`` and ``VirtioFS(max_in_flight=)`` when the library has
+    them; until then a 2-descriptor request ring (one request fits) and
+    :func:`cap_request_size`."""
+    import dataclasses
+    import inspect
+
     from actors.session import SessionConfig
     from api.local import VirtioFS
     from hw.transport import open_private_device
 
+    config_fields = {f.name for f in dataclasses.fields(SessionConfig)}
+    fs_params = inspect.signature(VirtioFS).parameters
+    config_kw: dict[str, Any] = {}
+    fs_kw: dict[str, Any] = {}
+    transport_kw: dict[str, Any] = {}
+    capped = False
     if hermit:
-        transport = open_private_device(share, binary=binary, queue_size=HERMIT_QUEUE_SIZE)
-        config = SessionConfig(readdir_size=HERMIT_REQUEST)
-    else:
-        transport = open_private_device(share, binary=binary)
-        config = SessionConfig()
-    fs = VirtioFS(transport, config)
+        config_kw["readdir_size"] = HERMIT_REQUEST
+        if "max_request" in config_fields:
+            config_kw["max_request"] = HERMIT_REQUEST
+            capped = True
+        if "max_in_flight" in fs_params:
+            fs_kw["max_in_flight"] = 1
+        else:
+            transport_kw["queue_size"] = HERMIT_QUEUE_SIZE
+    transport = open_private_device(share, binary=binary, **transport_kw)
+    fs = VirtioFS(transport, SessionConfig(**config_kw), **fs_kw)
     pid = getattr(fs, "daemon_pid", None)  # the worker that does the I/O (namespace sandbox)
     if pid is None:
         pid = getattr(getattr(transport, "daemon", None), "pid", None)
-    if hermit:
+    if hermit and not capped:
         try:
             cap_request_size(fs, HERMIT_REQUEST)
         except BaseException:
@@ -598,8 +618,10 @@ def w_seq_readinto(t: Target, sw: Stopwatch, lay: Layout, p: BenchParams, rep: i
 
 def w_seq_write(t: Target, sw: Stopwatch, lay: Layout, p: BenchParams, rep: int) -> Rep:
     rel = f"write-{t.name}.bin"
+    # Untimed, and through the client itself: a name the client has cached must never be
+    # changed behind its back (the bench only ever does that with names it never showed).
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(_host(lay, rel))  # untimed, on the host: no truncation inside the clock
+        t.unlink(t.path(rel))
     f = t.open(t.path(rel), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     data = memoryview(lay.payload)
     calls = p.big_size // p.call_size
@@ -617,7 +639,6 @@ def w_seq_write(t: Target, sw: Stopwatch, lay: Layout, p: BenchParams, rep: int)
             f.close()
     _check(n, calls * p.call_size, "seq_write")
     _check(os.path.getsize(_host(lay, rel)), n, "seq_write (size on the host)")
-    os.unlink(_host(lay, rel))
     return Rep(ops=calls, nbytes=n)
 
 
@@ -924,21 +945,29 @@ class Result:
         return {k: v / total for k, v in sorted(self.requests.items())} if total else {}
 
 
-def run_one(w: Workload, target: Target, lay: Layout, p: BenchParams,
-            progress: Callable[[str], None]) -> Result:
-    """All repetitions of workload ``w`` on ``target``; one warm-up repetition first."""
-    res = Result(w.name, target.name)
-    requests: Counter[str] = Counter()
-    counted = True
-    peaks: list[float] = []
-    others: dict[str, list[float]] = {}
-    extras: dict[str, list[float]] = {}
-    started = time.perf_counter()
-    for rep in range(-1 if p.warmup else 0, p.reps):  # rep -1: warm-up, not recorded
-        sw = Stopwatch(target)
-        r = w.fn(target, sw, lay, p, rep)
+class _Collector:
+    """The repetitions of one workload on one configuration, as they come in."""
+
+    def __init__(self, w: Workload, target: Target) -> None:
+        self.w = w
+        self.target = target
+        self.res = Result(w.name, target.name)
+        self.requests: Counter[str] = Counter()
+        self.counted = True
+        self.peaks: list[float] = []
+        self.others: dict[str, list[float]] = {}
+        self.extras: dict[str, list[float]] = {}
+        self.wall = 0.0
+
+    def run(self, lay: Layout, p: BenchParams, rep: int) -> None:
+        """One repetition (``rep`` < 0: the warm-up, not recorded)."""
+        t0 = time.perf_counter()
+        sw = Stopwatch(self.target)
+        r = self.w.fn(self.target, sw, lay, p, rep)
+        self.wall += time.perf_counter() - t0
         if rep < 0:
-            continue
+            return
+        res = self.res
         res.times.append(sw.seconds)
         res.cpu.append(sw.cpu)
         if res.daemon_cpu is not None and sw.daemon_cpu is not None:
@@ -947,25 +976,64 @@ def run_one(w: Workload, target: Target, lay: Layout, p: BenchParams,
             res.daemon_cpu = None
         res.ops, res.nbytes = r.ops, r.nbytes
         for k, v in r.extra.items():
-            extras.setdefault(k, []).append(v)
-        requests.update(sw.requests)
-        counted = counted and sw.counted
+            self.extras.setdefault(k, []).append(v)
+        self.requests.update(sw.requests)
+        self.counted = self.counted and sw.counted
         peak = peak_rss_mib()
         if peak is not None:
-            peaks.append(peak)
-        for label, pid in target.other_pids().items():
+            self.peaks.append(peak)
+        for label, pid in self.target.other_pids().items():
             other = peak_rss_mib(pid)
             if other is not None:
-                others.setdefault(label, []).append(other)
-    res.extra = {k: statistics.median(v) for k, v in extras.items()}
-    res.rss_peak_mib = max(peaks) if peaks else None
-    res.other_rss_peak_mib = {k: max(v) for k, v in others.items()}
-    res.counted = counted and target.counts() is not None
-    res.requests = dict(requests) if res.counted else {}
-    res.extra["wall_s"] = time.perf_counter() - started  # setup and teardown included
-    progress(f"{w.name:<13} {target.name:<7} {_fmt_value(w, res)}  "
-             f"({res.extra['wall_s']:.1f} s)")
-    return res
+                self.others.setdefault(label, []).append(other)
+
+    def finish(self) -> Result:
+        res = self.res
+        res.extra = {k: statistics.median(v) for k, v in self.extras.items()}
+        res.rss_peak_mib = max(self.peaks) if self.peaks else None
+        res.other_rss_peak_mib = {k: max(v) for k, v in self.others.items()}
+        res.counted = self.counted and self.target.counts() is not None
+        res.requests = dict(self.requests) if res.counted else {}
+        res.extra["wall_s"] = self.wall  # setup and teardown included
+        return res
+
+
+def run_workload(w: Workload, targets: dict[str, Target], lay: Layout, p: BenchParams,
+                 progress: Callable[[str], None]) -> dict[str, Result]:
+    """All repetitions of ``w`` on every target, **interleaved**: repetition 1 on every
+    configuration, then repetition 2, … with the order rotated each time, so a burst of
+    load on a shared machine hits every configuration alike instead of one of them."""
+    results: dict[str, Result] = {}
+    running: dict[str, _Collector] = {}
+
+    def fail(name: str, exc: BaseException) -> None:
+        log.debug("workload %s on %s failed", w.name, name, exc_info=True)
+        results[name] = Result(w.name, name, "error", f"{type(exc).__name__}: {exc}")
+        progress(f"{w.name:<13} {name:<7} ERROR {results[name].reason}")
+        running.pop(name, None)
+        with contextlib.suppress(Exception):
+            targets[name].reopen()  # the next workload starts from a clean state
+
+    for name, target in targets.items():
+        # Every workload starts on a fresh session: what earlier workloads left in the
+        # client's caches (e.g. > max_nodes nodes: every new lookup evicts) must not leak.
+        try:
+            target.reopen()
+            running[name] = _Collector(w, target)
+        except Exception as exc:
+            fail(name, exc)
+    for rep in range(-1 if p.warmup else 0, p.reps):
+        names = list(running)
+        shift = rep % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            try:
+                running[name].run(lay, p, rep)
+            except Exception as exc:
+                fail(name, exc)
+    for name, collector in running.items():
+        res = results[name] = collector.finish()
+        progress(f"{w.name:<13} {name:<7} {_fmt_value(w, res)}  ({res.extra['wall_s']:.1f} s)")
+    return results
 
 
 def run_bench(p: BenchParams, args: argparse.Namespace,
@@ -1000,19 +1068,10 @@ def run_bench(p: BenchParams, args: argparse.Namespace,
             name: {"label": RUNNERS[name].label, "available": name in targets,
                    "reason": unavailable.get(name, "")} for name in configs}
         for w in workloads:
+            done = run_workload(w, targets, lay, p, progress)
             for name in configs:
-                if name not in targets:
-                    report["results"].append(Result(w.name, name, "n/a", unavailable[name]))
-                    continue
-                try:
-                    res = run_one(w, targets[name], lay, p, progress)
-                except Exception as exc:
-                    log.debug("workload %s on %s failed", w.name, name, exc_info=True)
-                    res = Result(w.name, name, "error", f"{type(exc).__name__}: {exc}")
-                    progress(f"{w.name:<13} {name:<7} ERROR {res.reason}")
-                    with contextlib.suppress(Exception):
-                        targets[name].reopen()  # start the next workload from a clean state
-                report["results"].append(res)
+                report["results"].append(done.get(name) or
+                                         Result(w.name, name, "n/a", unavailable[name]))
         if "inproc" in targets:
             report["floor"] = ring_floor(share, lay, p, args.virtiofsd)
     finally:
@@ -1348,7 +1407,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"Python {meta['python']}, Linux {meta['kernel']}, {meta['virtiofsd']} "
         f"({meta['virtiofsd_flavor']}, cache={meta['cache']})",
         f"big file {_size(p['big_size'])}, {p['files']} files, {p['random_reads']} random reads, "
-        f"{p['streams']} streams, median of {p['reps']} reps (+1 warm-up); "
+        f"{p['streams']} streams, median of {p['reps']} reps"
+        f"{' (+1 warm-up)' if p.get('warmup') else ''}; "
         f"took {meta.get('seconds', '?')} s",
         "ratios are speed relative to the reference (time_ref / time): 0.5× = half as fast; "
         f"load average at start {_fmt_load(meta.get('load_average_start'))}, "
@@ -1390,7 +1450,8 @@ def write_chart(report: dict[str, Any], path: str) -> bool:
     meta = report["meta"]
     ax.set_title(f"pyvirtiofs bench ({'quick' if meta['params']['quick'] else 'full'}, "
                  f"{meta['date'][:10]}): higher is better, 1 = native")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(configs), fontsize=8,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1424,6 +1485,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     p.add_argument("--reps", type=int, help="repetitions per workload (≥ 5; default 5)")
+    p.add_argument("--warmup", action="store_true",
+                   help="run one unrecorded repetition before the recorded ones")
     p.add_argument("--size", type=_parse_size, help="big file size, e.g. 1G, 256M")
     p.add_argument("--files", type=int, help="how many files (stat, create, list, …)")
     p.add_argument("--configs", type=_csv(CONFIG_ORDER), default=list(CONFIG_ORDER),
@@ -1449,7 +1512,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
     """BenchParams from the command line (``--quick`` first, then explicit overrides)."""
     import dataclasses
     p = BenchParams.quick_params() if args.quick else BenchParams()
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"warmup": bool(getattr(args, "warmup", False))}
     if args.reps is not None:
         if args.reps < 1:
             raise ValueError("--reps must be ≥ 1")
@@ -1475,7 +1538,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"bench: {line}", file=sys.stderr, flush=True)
 
-    report = run_bench(p, args, progress)
+    previous = _exit_on_sigterm()
+    try:
+        report = run_bench(p, args, progress)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -1492,6 +1560,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _rebuild_argv(args: argparse.Namespace) -> list[str]:
     out = ["--quick"] if args.quick else []
+    out += ["--warmup"] if getattr(args, "warmup", False) else []
     for key in ("reps", "size", "files", "json", "chart"):
         value = getattr(args, key, None)
         if value is not None:
@@ -1512,6 +1581,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtiofs bench: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _exit_on_sigterm() -> Any:
+    """SIGTERM unwinds like Ctrl-C, so the scratch folder, daemons and server are cleaned
+    up (only when running as the main thread of a command)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":
