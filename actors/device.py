@@ -38,6 +38,7 @@ from actors.channel import Completion, FuseChannel, RequestContext
 from codec import fuse_requests
 from codec.fuse_abi import Opcode
 from codec.messages import Abandon, DeviceLost, DeviceStats, FuseCall, WatchDevice
+from hw.doorbell import Doorbell
 from hw.transport import DeviceGone, VirtioTransport
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class _DeviceInbox:
 
     def __init__(self) -> None:
         self._queue: collections.deque[Envelope[Any]] = collections.deque()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = Doorbell()
         self._sleeping = False
         self._closed = False
         self._poll = select.poll()
@@ -86,8 +87,7 @@ class _DeviceInbox:
             self.reject_queued()
             return
         if self._sleeping:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._wake, 1)
+            self._wake.ring()
 
     def empty(self) -> bool:
         return not self._queue
@@ -124,9 +124,8 @@ class _DeviceInbox:
             self._sleeping = False
             interrupted = False
             for fd, _ in events:
-                if fd == self._wake:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self._wake)
+                if fd == self._wake.fileno():
+                    self._wake.drain()
                 elif fd == self._death_fd:
                     return _DIED
                 else:
@@ -140,8 +139,7 @@ class _DeviceInbox:
         """No more messages: reject what is queued and whatever comes later."""
         self._closed = True
         self.reject_queued()
-        with contextlib.suppress(OSError):
-            os.close(self._wake)
+        self._wake.close()
 
     def reject_queued(self) -> None:
         """Complete every queued message's future with an error (any thread)."""
@@ -162,15 +160,21 @@ class DeviceActor(pykka.ThreadingActor):
     :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`codec.messages`).
 
     ``busy_poll``: spin on the used ring instead of sleeping on eventfds (lower latency,
-    burns a core). On stop it sends DESTROY (best effort) and closes the transport, which
-    stops the rings and the daemon it launched.
+    burns a core). ``max_in_flight``: how many requests may be on the rings at once
+    (default: as many as fit); the rest wait in order, e.g. 1 reproduces the Hermit
+    driver's one-request-at-a-time device lock. On stop it sends DESTROY (best effort)
+    and closes the transport, which stops the rings and the daemon it launched.
     """
 
     use_daemon_thread = True  # never keep a process alive just for the device
 
     def __init__(self, transport: VirtioTransport, *, busy_poll: bool = False,
-                 ctx: RequestContext | None = None, destroy_timeout: float = 2.0) -> None:
+                 ctx: RequestContext | None = None, destroy_timeout: float = 2.0,
+                 max_in_flight: int | None = None) -> None:
         super().__init__()
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
         self.transport = transport
         self.channel = FuseChannel(transport, ctx=ctx)
         self.backlog: collections.deque[tuple[FuseCall, RequestContext | None]] = (
@@ -277,8 +281,11 @@ class DeviceActor(pykka.ThreadingActor):
         except OSError as exc:
             _fail(call.reply, exc)
             return
-        if self.backlog or not self._try_submit(call, ctx):
+        if self.backlog or self._at_depth() or not self._try_submit(call, ctx):
             self.backlog.append((call, ctx))  # back-pressure: sent as completions free room
+
+    def _at_depth(self) -> bool:
+        return self.max_in_flight is not None and self.channel.in_flight >= self.max_in_flight
 
     def _try_submit(self, call: FuseCall, ctx: RequestContext | None) -> bool:
         """Place one call; True when it is done with (placed, or failed on its own)."""
@@ -303,7 +310,7 @@ class DeviceActor(pykka.ThreadingActor):
         """Submit waiting calls in order while they fit. Retried after every harvest, so a
         call that does not fit with nothing in flight would wait forever (no completion
         will come to make room): it fails instead, with the reason check() gives."""
-        while self.backlog:
+        while self.backlog and not self._at_depth():
             call, ctx = self.backlog[0]
             if self._try_submit(call, ctx):
                 self.backlog.popleft()
@@ -330,10 +337,14 @@ class DeviceActor(pykka.ThreadingActor):
             future.set(c.result)
 
     def _died(self) -> None:
-        rc = getattr(getattr(self.transport, "daemon", None), "returncode", lambda: None)()
+        daemon = getattr(self.transport, "daemon", None)
+        rc = getattr(daemon, "returncode", lambda: None)()
         detail = "virtio-fs device died" + (f" (daemon exit status {rc})" if rc is not None else "")
-        log.error("%s; failing %d pending requests", detail,
-                  self.channel.in_flight + len(self.backlog))
+        # The daemon's last words say why (a vhost-user panic, a resource limit, …).
+        said = getattr(daemon, "stderr_text", lambda limit: "")(600).strip()
+        log.error("%s; failing %d pending requests%s", detail,
+                  self.channel.in_flight + len(self.backlog),
+                  f"; daemon said: {said}" if said else "")
         self.dead = DeviceGone(detail)
         # Stop watching: the dead socket would stay readable forever (a busy loop).
         inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]

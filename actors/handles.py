@@ -40,6 +40,16 @@ READ_WINDOW = 16
 WRITE_WINDOW = 16
 
 
+@dataclass(slots=True)
+class _ReadAhead:
+    """A READ sent for the bytes a sequential reader will most likely ask for next."""
+
+    offset: int
+    size: int
+    future: Any
+    version: tuple[int, int]  # PublishedAttrs.data_version when it was sent
+
+
 @dataclass(frozen=True, slots=True)
 class HandleLimits:
     """Per-request sizes the session negotiated, shared by every handle it opens."""
@@ -48,13 +58,19 @@ class HandleLimits:
     max_write: int
     readdir_size: int
     timeout: float = 60.0
+    read_ahead: bool = True
 
     @classmethod
-    def from_init(cls, init: InitOut, readdir_size: int, timeout: float = 60.0) -> HandleLimits:
+    def from_init(cls, init: InitOut, readdir_size: int, timeout: float = 60.0,
+                  max_request: int | None = None, read_ahead: bool = True) -> HandleLimits:
+        """The limits the daemon granted, optionally capped at ``max_request`` bytes per
+        READ/WRITE/READDIR (e.g. 64 KiB to behave like the Hermit driver)."""
         pages = init.max_pages or 32  # before MAX_PAGES: the kernel's 128 KiB default
-        max_read = min(pages * PAGE, 1 << 20)
-        return cls(max_read=max_read, max_write=max(PAGE, min(init.max_write, 1 << 20)),
-                   readdir_size=min(readdir_size, max_read), timeout=timeout)
+        cap = 1 << 20 if max_request is None else max(PAGE, min(max_request, 1 << 20))
+        max_read = min(pages * PAGE, cap)
+        return cls(max_read=max_read, max_write=max(PAGE, min(init.max_write, cap)),
+                   readdir_size=min(readdir_size, max_read), timeout=timeout,
+                   read_ahead=read_ahead)
 
 
 class _HandleActor(pykka.ThreadingActor):
@@ -144,6 +160,10 @@ class FileActor(_HandleActor):
         # wrote at the end, wherever that was, and only a GETATTR tells.
         self.position: int | None = 0
         self.directory = bool(self.flags & os.O_DIRECTORY)
+        # Sequential reads: where the last one through the file position ended, and the
+        # READ already sent for what follows it (see _read_ahead).
+        self._sequential_end: int | None = None
+        self._ahead: _ReadAhead | None = None
 
     @staticmethod
     def release_request(nodeid: int, fh: int, flags: int) -> Any:
@@ -165,8 +185,10 @@ class FileActor(_HandleActor):
         return self.position
 
     def _changed(self) -> None:
+        self._drop_ahead()
         if self.published is not None:
             self.published.invalidate_node(self.nodeid)  # before our caller hears back
+            self.published.data_changed(self.nodeid)
         self._tell_session(m.InvalidateAttr(nodeid=self.nodeid))
 
     # -- read ------------------------------------------------------------------------------
@@ -246,20 +268,81 @@ class FileActor(_HandleActor):
 
     def _read(self, msg: m.Read) -> bytes:
         self._data_handle()
-        offset = self._pos() if msg.offset is None else msg.offset
-        data: bytes = self._read_at(offset, msg.size, None) if msg.size else b""
-        if msg.offset is None:
-            self.position = offset + len(data)
+        if msg.offset is not None:
+            return self._read_at(msg.offset, msg.size, None) if msg.size else b""
+        offset = self._pos()
+        data = self._take_ahead(offset, msg.size)
+        if data is None:
+            data = self._read_at(offset, msg.size, None) if msg.size else b""
+        self._advance(offset, msg.size, len(data))
         return data
 
     def _readinto(self, msg: m.ReadInto) -> int:
         self._data_handle()
         buf = memoryview(msg.buffer).cast("B")
-        offset = self._pos() if msg.offset is None else msg.offset
-        n: int = self._read_at(offset, len(buf), buf) if len(buf) else 0
-        if msg.offset is None:
-            self.position = offset + n
+        if msg.offset is not None:
+            return self._read_at(msg.offset, len(buf), buf) if len(buf) else 0
+        offset = self._pos()
+        data = self._take_ahead(offset, len(buf))  # a read() just before may have sent one
+        if data is None:
+            n: int = self._read_at(offset, len(buf), buf) if len(buf) else 0
+        else:
+            n = len(data)
+            buf[:n] = data
+        # No read-ahead for readinto: the reply lands in the caller's buffer straight from
+        # guest memory, one copy; a read-ahead would need a second one (measured slower).
+        self._advance(offset, len(buf), n, read_ahead=False)
         return n
+
+    # -- read-ahead ------------------------------------------------------------------------
+    #
+    # A reader that calls read() again right where its last read ended is streaming the
+    # file: while it handles one chunk, the daemon (another process, another core) can
+    # already be reading the next. So after the second such read in a row, a READ for the
+    # same amount that follows is sent before replying; the next read() takes its reply
+    # if it asks for that offset. Reads at explicit offsets (pread) never read ahead. The
+    # request count is unchanged for a reader that goes on: the READ it would have sent
+    # is just sent earlier. Freshness: a write, ftruncate or fallocate through any handle
+    # of this share (and a truncate by path) changes the file's data version and the
+    # read-ahead is dropped — never older data than a completed write, as with one page
+    # cache per file. Changes made behind the share's back (on the host) may be seen one
+    # chunk late, as the kernel's cache=auto page cache may.
+
+    def _advance(self, offset: int, asked: int, got: int, *, read_ahead: bool = True) -> None:
+        """Move the position after a read through it, and read ahead when streaming."""
+        streaming = self._sequential_end == offset
+        self.position = self._sequential_end = offset + got
+        if streaming and got == asked and got > 0 and read_ahead and self.limits.read_ahead:
+            size = min(asked, self.limits.max_read)
+            self._ahead = _ReadAhead(offset + got, size,
+                                     dev.call(self.device,
+                                              rq.read(self.nodeid, self.fh, offset + got, size),
+                                              ctx=self._ctx),
+                                     self._data_version())
+
+    def _data_version(self) -> tuple[int, int]:
+        return (0, 0) if self.published is None else self.published.data_version(self.nodeid)
+
+    def _take_ahead(self, offset: int, size: int) -> bytes | None:
+        """The bytes at ``offset`` (up to ``size``) if read ahead and still fresh, else
+        None (read them now). A dropped read-ahead needs no clean-up: READ holds nothing
+        on the daemon's side, and its reply buffer is freed when it completes."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.offset != offset or ahead.size > size:
+            return None
+        try:
+            data: bytes = dev.wait(self.device, ahead.future, None, self.limits.timeout)
+        except OSError:
+            return None  # read again now: that read reports the error as it stands
+        if ahead.version != self._data_version():
+            return None  # written meanwhile: that data may be old
+        if len(data) < ahead.size or size == ahead.size:
+            return data
+        return data + self._read_at(offset + len(data), size - len(data), None)
+
+    def _drop_ahead(self) -> None:
+        self._ahead = None
+        self._sequential_end = None
 
     # -- write -----------------------------------------------------------------------------
 

@@ -10,6 +10,12 @@ never sees the old size). Readers only read. Each of those is a single dict oper
 atomic under CPython's GIL; the worst interleaving (a stat racing a write in another
 thread) leaves an entry that is at most one attribute timeout old — what the Linux
 client allows too.
+
+It also counts **data versions**: a file actor that changed a file's contents (write,
+ftruncate, fallocate) bumps that node's version before it replies, and the session bumps
+a share-wide one for path-level size changes (truncate, open with O_TRUNC). A file actor's
+read-ahead remembers the version it was sent under and is dropped if it changed, so a
+read never returns data older than a write another handle of this share completed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class PublishedAttrs:
         self._entries: dict[tuple[bytes, bool], tuple[os.stat_result, float, int]] = {}
         self._by_node: dict[int, list[tuple[bytes, bool]]] = {}
         self.enabled = True
+        self._share_version = 0
+        self._node_versions: dict[int, int] = {}
 
     def get(self, path: bytes, follow: bool) -> os.stat_result | None:
         """A fresh published result, or None (ask the session)."""
@@ -57,6 +65,21 @@ class PublishedAttrs:
         self.clear()
 
     # -- any thread ------------------------------------------------------------------------
+
+    def data_version(self, nodeid: int) -> tuple[int, int]:
+        """Changes whenever ``nodeid``'s contents may have changed through this share (two
+        racing bumps may count once: the value still differs from any earlier reading)."""
+        return self._share_version, self._node_versions.get(nodeid, 0)
+
+    def data_changed(self, nodeid: int | None = None) -> None:
+        """``nodeid``'s contents changed (None: some file's size changed by path)."""
+        if nodeid is None or len(self._node_versions) >= MAX_ENTRIES:
+            # Also how the per-node table stays bounded: a new share-wide version makes
+            # every earlier reading differ, so the node counters can start over.
+            self._node_versions = {}
+            self._share_version += 1
+        if nodeid is not None:
+            self._node_versions[nodeid] = self._node_versions.get(nodeid, 0) + 1
 
     def invalidate_node(self, nodeid: int) -> None:
         for key in self._by_node.pop(nodeid, ()):

@@ -63,6 +63,9 @@ class SessionConfig:
     ``/name``; ``"/"`` — each top-level directory of the share is mounted on its own.
     ``root``: a directory inside the share that becomes the session's root (the agent
     confines a tenant to it: ``..`` and symlinks never climb above a mount's root).
+    ``max_request``: bytes per READ/WRITE at most (default: what the daemon negotiated,
+    up to 1 MiB); 64 KiB reproduces the Hermit driver's request size. ``read_ahead``: a
+    file read sequentially has its next chunk requested before the caller asks for it.
     """
 
     tag: str | None = None
@@ -71,6 +74,8 @@ class SessionConfig:
     request_timeout: float = 60.0
     max_readahead: int = 1 << 20
     readdir_size: int = 128 << 10
+    max_request: int | None = None
+    read_ahead: bool = True
 
 
 @dataclass(slots=True)
@@ -167,7 +172,9 @@ class SessionActor(pykka.ThreadingActor):
                           f"device speaks FUSE {init.major}.{init.minor}; need 7.{MIN_MINOR}+")
         self.init = init
         self.limits = HandleLimits.from_init(init, self.config.readdir_size,
-                                             self.config.request_timeout)
+                                             self.config.request_timeout,
+                                             self.config.max_request,
+                                             self.config.read_ahead)
         # Like every mount root, the share's root is pinned: closing a handle on it or
         # evicting must never drop it (with it would go the dentries of everything below,
         # and the FORGETs those nodes are owed).
@@ -210,7 +217,7 @@ class SessionActor(pykka.ThreadingActor):
         try:
             offset = 0
             while True:
-                batch = self._call(rq.readdir(nodeid, fh, offset, self.config.readdir_size))
+                batch = self._call(rq.readdir(nodeid, fh, offset, self.limits.readdir_size))
                 if not batch:
                     return entries
                 entries += batch
@@ -484,6 +491,9 @@ class SessionActor(pykka.ThreadingActor):
             if isinstance(message, _CHANGES) or (
                     isinstance(message, m.Open) and message.flags & (os.O_CREAT | os.O_TRUNC)):
                 self.published.clear()  # a change anywhere may reach any published path
+                if (isinstance(message, m.SetAttr) and message.size is not None) or (
+                        isinstance(message, m.Open) and message.flags & os.O_TRUNC):
+                    self.published.data_changed()  # a truncation: drop every read-ahead
 
     def _with_path(self, fn: Any, message: Any) -> Any:
         try:

@@ -61,7 +61,6 @@ __all__ = ["BenchParams", "add_parser", "cmd_bench", "main", "run_bench"]
 MiB = 1 << 20
 KiB = 1 << 10
 HERMIT_REQUEST = 64 * KiB  # Hermit's MAX_READ_LEN / MAX_WRITE_LEN
-HERMIT_QUEUE_SIZE = 2  # one request = 2 descriptors: one request in flight
 WARM_CHUNK = 64  # stat_warm: prime this many names, then time them: both well within
 # virtiofsd's 1 s cache=auto timeout, even on a busy machine
 CONFIG_ORDER = ("native", "inproc", "remote", "hermit")
@@ -299,71 +298,24 @@ def _opname(code: Any) -> str:
 
 @dataclass
 class Runner:
-    """One configuration: how to make its target, or why it is not available."""
+    """One configuration and how to make its target."""
 
     name: str
     label: str
     start: Callable[[str, argparse.Namespace], Target]
-    available: Callable[[], str | None] = lambda: None  # a reason when not available
 
 
 def _local_fs(share: str, binary: str | None, *, hermit: bool) -> tuple[Any, dict[str, int]]:
-    """A VirtioFS on a private virtiofsd: default tunables, or the Hermit driver's.
+    """A VirtioFS on a private virtiofsd: default tunables, or the Hermit driver's
+    (64 KiB requests, one request in flight, 64 KiB directory reads)."""
+    from api.local import connect
 
-    Hermit-like = 64 KiB requests and one request in flight. Uses the tunables
-    ``SessionConfig.max_request`` and ``VirtioFS(max_in_flight=)`` when the library has
-    them; until then a 2-descriptor request ring (one request fits) and
-    :func:`cap_request_size`."""
-    import dataclasses
-    import inspect
-
-    from actors.session import SessionConfig
-    from api.local import VirtioFS
-    from hw.transport import open_private_device
-
-    config_fields = {f.name for f in dataclasses.fields(SessionConfig)}
-    fs_params = inspect.signature(VirtioFS).parameters
-    config_kw: dict[str, Any] = {}
-    fs_kw: dict[str, Any] = {}
-    transport_kw: dict[str, Any] = {}
-    capped = False
+    options: dict[str, Any] = {}
     if hermit:
-        config_kw["readdir_size"] = HERMIT_REQUEST
-        if "max_request" in config_fields:
-            config_kw["max_request"] = HERMIT_REQUEST
-            capped = True
-        if "max_in_flight" in fs_params:
-            fs_kw["max_in_flight"] = 1
-        else:
-            transport_kw["queue_size"] = HERMIT_QUEUE_SIZE
-    transport = open_private_device(share, binary=binary, **transport_kw)
-    fs = VirtioFS(transport, SessionConfig(**config_kw), **fs_kw)
-    pid = getattr(fs, "daemon_pid", None)  # the worker that does the I/O (namespace sandbox)
-    if pid is None:
-        pid = getattr(getattr(transport, "daemon", None), "pid", None)
-    if hermit and not capped:
-        try:
-            cap_request_size(fs, HERMIT_REQUEST)
-        except BaseException:
-            fs.close()
-            raise
+        options = {"max_request": HERMIT_REQUEST, "max_in_flight": 1, "read_ahead": False}
+    fs = connect(share, virtiofsd=binary, **options)  # max_request caps READDIR too
+    pid = fs.daemon_pid  # the worker that does the I/O (namespace sandbox)
     return fs, ({"virtiofsd": pid} if pid else {})
-
-
-def cap_request_size(fs: Any, size: int) -> None:
-    """Cap READ/WRITE/READDIR request sizes of ``fs``'s session at ``size`` bytes.
-
-    There is no public tunable for this yet (see BENCHMARKS.md): the negotiated limits are
-    replaced through a pykka proxy, i.e. on the session actor's own thread, before any
-    handle is opened (handles copy the limits when they start)."""
-    import dataclasses
-    proxy = fs.session.proxy()
-    limits = proxy.limits.get()
-    proxy.limits = dataclasses.replace(limits, max_read=min(limits.max_read, size),
-                                       max_write=min(limits.max_write, size),
-                                       readdir_size=min(limits.readdir_size, size))
-    if proxy.limits.get().max_read != min(limits.max_read, size):
-        raise RuntimeError("could not cap the request size")
 
 
 def _start_native(share: str, args: argparse.Namespace) -> Target:
@@ -378,13 +330,6 @@ def _start_inproc(share: str, args: argparse.Namespace) -> Target:
 def _start_hermit(share: str, args: argparse.Namespace) -> Target:
     return VirtioTarget("hermit", "(d) pyvirtiofs, Hermit-like (64 KiB, 1 in flight)",
                         lambda: _local_fs(share, args.virtiofsd, hermit=True))
-
-
-def _remote_available() -> str | None:
-    import api
-    if not hasattr(api, "connect_remote"):
-        return "api.connect_remote does not exist yet"
-    return None
 
 
 def _free_port() -> int:
@@ -464,8 +409,7 @@ def _start_remote(share: str, args: argparse.Namespace) -> Target:
 RUNNERS: dict[str, Runner] = {
     "native": Runner("native", NativeTarget.label, _start_native),
     "inproc": Runner("inproc", "(b) pyvirtiofs in-process", _start_inproc),
-    "remote": Runner("remote", "(c) pyvirtiofs remote, tcp loopback", _start_remote,
-                     _remote_available),
+    "remote": Runner("remote", "(c) pyvirtiofs remote, tcp loopback", _start_remote),
     "hermit": Runner("hermit", "(d) pyvirtiofs, Hermit-like (64 KiB, 1 in flight)",
                      _start_hermit),
 }
@@ -1054,15 +998,10 @@ def run_bench(p: BenchParams, args: argparse.Namespace,
         progress(f"preparing {share} ({_size(p.big_size)} file, 2 × {p.files} files)")
         lay = prepare(share, p)
         for name in configs:
-            runner = RUNNERS[name]
-            reason = runner.available()
-            if reason is None:
-                try:
-                    targets[name] = runner.start(share, args)
-                except Exception as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-            if reason is not None:
-                unavailable[name] = reason
+            try:
+                targets[name] = RUNNERS[name].start(share, args)
+            except Exception as exc:  # e.g. no virtiofsd: that configuration is n/a
+                unavailable[name] = reason = f"{type(exc).__name__}: {exc}"
                 progress(f"{name}: n/a ({reason})")
         report["meta"]["configs"] = {
             name: {"label": RUNNERS[name].label, "available": name in targets,

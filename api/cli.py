@@ -544,11 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of client silence before its handles are released")
     p.set_defaults(func=cmd_serve)
 
-    from api import agent, fusemount, keys
+    from api import agent, bench, fusemount, keys, soak
 
     agent.add_agent_parser(sub)
     agent.add_status_parser(sub)
     keys.add_keygen_parser(sub)
+    bench.add_parser(sub)
+    soak.add_parser(sub)
 
     p = sub.add_parser("mount", help="mount a share with FUSE so every program can use it",
                        description=fusemount.cmd_mount.__doc__)

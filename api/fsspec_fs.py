@@ -165,17 +165,6 @@ def close_connections() -> None:
     _CONNECTIONS.close_all()
 
 
-def _connect_remote(endpoint: str, **kwargs: Any) -> Any:
-    import api
-
-    connect_remote = getattr(api, "connect_remote", None)
-    if connect_remote is None:
-        raise NotImplementedError(
-            f"remote={endpoint!r}: this pyvirtiofs has no api.connect_remote (the ZeroMQ "
-            "client); use share=DIR or socket=PATH")
-    return connect_remote(endpoint, **kwargs)
-
-
 # -- the filesystem --------------------------------------------------------------------------
 
 
@@ -237,10 +226,11 @@ class VirtioFileSystem(AbstractFileSystem):
             _ = self.vfs  # connect now: a wrong directory or a missing daemon shows here
 
     def _connect(self) -> Any:
+        from api import connect, connect_remote
+
         kind, where = self._key[0], self._key[1]
         if kind == "remote":
-            return _connect_remote(where, **self._connect_kwargs)
-        from api import connect
+            return connect_remote(where, **self._connect_kwargs)
 
         if kind == "socket":
             return connect(socket=where, **self._connect_kwargs)

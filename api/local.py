@@ -41,30 +41,35 @@ __all__ = ["DirEntry", "RawFile", "VirtioFS", "connect"]
 def connect(shared_dir: str | os.PathLike[str] | None = None, *, socket: str | None = None,
             tag: str | None = None, root: str | None = None, virtiofsd: str | None = None,
             cache: str = "auto", busy_poll: bool = False, restart: bool = False,
-            **transport_kwargs: Any) -> VirtioFS:
+            max_request: int | None = None, max_in_flight: int | None = None,
+            read_ahead: bool = True, **transport_kwargs: Any) -> VirtioFS:
     """Open a share: ``connect(DIR)`` starts a private virtiofsd on DIR;
     ``connect(socket=PATH)`` attaches to a daemon already listening there.
 
     ``restart``: when the daemon dies, the call that saw it fails (ENOTCONN) and the next
     call starts a new daemon and session; handles opened before fail with ESTALE. Only
     for ``connect(DIR)``: a daemon we did not start cannot be brought back by us.
+    ``max_request`` caps the bytes of one READ/WRITE (default: the negotiated maximum) and
+    ``max_in_flight`` the requests on the rings at once (default: as many as fit);
+    ``read_ahead=False`` never requests data before it is asked for;
+    ``max_request=65536, max_in_flight=1, read_ahead=False`` behaves like the Hermit driver.
     ``transport_kwargs`` go to the transport (``queue_size``, ``memory_size``, …)."""
     if (shared_dir is None) == (socket is None):
         raise TypeError("connect() takes a directory or socket=..., not both")
-    config = SessionConfig(tag=tag, root=root)
+    config = SessionConfig(tag=tag, root=root, max_request=max_request, read_ahead=read_ahead)
     if shared_dir is None:
         assert socket is not None
         if restart:
             raise ValueError("restart=True needs a directory: we can only restart our daemon")
         return VirtioFS(VhostUserTransport.connect(socket, **transport_kwargs), config,
-                        busy_poll=busy_poll)
+                        busy_poll=busy_poll, max_in_flight=max_in_flight)
 
     def open_transport() -> VirtioTransport:
         return open_private_device(shared_dir, binary=virtiofsd, cache=cache,
                                    **transport_kwargs)
 
     return VirtioFS(open_transport(), config, busy_poll=busy_poll,
-                    reopen=open_transport if restart else None)
+                    max_in_flight=max_in_flight, reopen=open_transport if restart else None)
 
 
 def _fix_filename(exc: OSError) -> OSError:
@@ -81,9 +86,10 @@ class _Connection:
     daemon died. Shared by a share object and its :meth:`VirtioFS.as_user` views."""
 
     def __init__(self, transport: VirtioTransport, config: SessionConfig | None,
-                 busy_poll: bool, reopen: Callable[[], VirtioTransport] | None) -> None:
+                 device_options: dict[str, Any],
+                 reopen: Callable[[], VirtioTransport] | None) -> None:
         self.config = config
-        self.busy_poll = busy_poll
+        self.device_options = device_options  # DeviceActor keywords
         self.reopen = reopen
         self.lock = threading.Lock()
         self.generation = 0
@@ -94,7 +100,7 @@ class _Connection:
     def _start(self, transport: VirtioTransport) -> None:
         self.transport = transport
         self.published = PublishedAttrs()
-        self.device = DeviceActor.start(transport, busy_poll=self.busy_poll)
+        self.device = DeviceActor.start(transport, **self.device_options)
         try:
             self.session = open_session(self.device, self.config, self.published)
         except BaseException:
@@ -124,9 +130,11 @@ class VirtioFS(ShareFS):
     """A mounted share, in-process. Thread-safe: every call is a message to an actor."""
 
     def __init__(self, transport: VirtioTransport, config: SessionConfig | None = None, *,
-                 busy_poll: bool = False,
+                 busy_poll: bool = False, max_in_flight: int | None = None,
                  reopen: Callable[[], VirtioTransport] | None = None) -> None:
-        self._conn = _Connection(transport, config, busy_poll, reopen)
+        self._conn = _Connection(transport, config,
+                                 {"busy_poll": busy_poll, "max_in_flight": max_in_flight},
+                                 reopen)
         self._owner = True
         self.ctx: m.Credentials | None = None
 

@@ -30,6 +30,7 @@ import zmq
 from api.fs import ShareFS
 from codec import messages as m
 from codec import wire
+from hw.doorbell import Doorbell
 
 __all__ = ["CurveKeys", "RemoteFS", "connect_remote"]
 
@@ -83,7 +84,7 @@ class RemoteFS(ShareFS):
         self._ids = itertools.count(1)
         self._pending: dict[int, _Call] = {}
         self._outbox: collections.deque[tuple[int, list[Any]]] = collections.deque()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = Doorbell()
         self._closing = threading.Event()
         self._context = zmq.Context()
         self._ready = threading.Event()
@@ -137,8 +138,7 @@ class RemoteFS(ShareFS):
                     next_ping = now + self.heartbeat_interval
                 events = dict(poller.poll(max(0.0, next_ping - now) * 1000))
                 if events.get(self._wake):
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self._wake)
+                    self._wake.drain()
                 while self._outbox:
                     request_id, frames = self._outbox.popleft()
                     try:
@@ -189,7 +189,7 @@ class RemoteFS(ShareFS):
         if data is not None:
             frames.append(data)
         self._outbox.append((request_id, frames))
-        os.eventfd_write(self._wake, 1)
+        self._wake.ring()
         if not call.done.wait(self.timeout):
             self._pending.pop(request_id, None)
             raise OSError(errno.ETIMEDOUT, f"no reply from {self.endpoint} within "
@@ -259,10 +259,9 @@ class RemoteFS(ShareFS):
             finally:
                 self.timeout = saved
         self._closing.set()
-        os.eventfd_write(self._wake, 1)
+        self._wake.ring()
         self._thread.join(timeout=10)
-        with contextlib.suppress(OSError):
-            os.close(self._wake)
+        self._wake.close()
         self._context.term()
 
     def __enter__(self) -> RemoteFS:

@@ -46,6 +46,7 @@ from pykka._envelope import Envelope
 from api.local import VirtioFS
 from codec import messages as m
 from codec import wire
+from hw.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class ShareServer:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._queues: dict[int, tuple[Tenant, collections.deque[_Pending]]] = {}
         self._round_robin: collections.deque[int] = collections.deque()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = Doorbell()
         self._stop = threading.Event()
         self._drain_until: float | None = None
         self._ready = threading.Event()
@@ -305,8 +306,7 @@ class ShareServer:
         return result.result(timeout)
 
     def _poke(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        self._wake.ring()
 
     def stats(self) -> dict[str, Any]:
         """Clients, open handles per tenant (read without locking: a snapshot for status)."""
@@ -365,8 +365,7 @@ class ShareServer:
                     timeout = min(timeout, 0.05)
                 events = dict(poller.poll(timeout * 1000))
                 if events.get(self._wake):
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self._wake)
+                    self._wake.drain()
                 self._run_calls()
                 self._send_completed(sock)
                 if events.get(sock):
@@ -394,8 +393,7 @@ class ShareServer:
             sock.close(DRAIN_LINGER_MS if self._drain_until is not None else 0)
             if self._own_context:
                 self.context.term()
-            with contextlib.suppress(OSError):
-                os.close(self._wake)
+            self._wake.close()
 
     def _idle(self) -> bool:
         """Nothing in flight or queued for any tenant (the drain is over)."""

@@ -140,6 +140,8 @@ class VhostUserTransport:
     # -- the VirtioTransport interface ---------------------------------------------------
 
     def kick(self, index: int) -> None:
+        if self._closed:
+            raise DeviceGone("kick on a closed transport")
         try:
             os.eventfd_write(self._kick_fds[index], 1)
         except OSError as exc:  # only if we were closed under the caller's feet

@@ -340,3 +340,84 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- sequential read-ahead ------------------------------------------------------------------
+
+CHUNK = 256 << 10
+
+
+def _blocks(*tags: int) -> bytes:
+    return b"".join(bytes([t]) * CHUNK for t in tags)
+
+
+def test_streaming_reads_send_one_read_each_and_return_the_file(fs: VirtioFS,
+                                                                 share: Path) -> None:
+    data = os.urandom(8 * CHUNK + 123)
+    (share / "big").write_bytes(data)
+    before = request_count(fs, Opcode.READ)
+    got = []
+    with fs.open_raw("big", os.O_RDONLY) as f:
+        while chunk := f.read(CHUNK):
+            got.append(chunk)
+    assert b"".join(got) == data
+    # 9 reads with data and the one that meets the end: the read-ahead READs replace the
+    # ones the reader would have sent, none is extra.
+    assert request_count(fs, Opcode.READ) - before == 10
+
+
+def test_readinto_after_read_takes_the_read_ahead(fs: VirtioFS, share: Path) -> None:
+    data = os.urandom(6 * CHUNK)
+    (share / "big").write_bytes(data)
+    buf = bytearray(CHUNK)
+    with fs.open_raw("big", os.O_RDONLY) as f:
+        out = bytearray(f.read(CHUNK) + f.read(CHUNK))  # block 3 is read ahead
+        before = request_count(fs, Opcode.READ)
+        while n := f.readinto(buf):
+            out += buf[:n]
+        # blocks 3..6 and the end: 4 READs (block 3 came with the read-ahead), none ahead
+        assert request_count(fs, Opcode.READ) - before == 4
+    assert out == data
+
+
+def test_read_ahead_never_returns_data_older_than_a_write_through_another_handle(
+        fs: VirtioFS, share: Path) -> None:
+    (share / "f").write_bytes(_blocks(1, 2, 3, 4))
+    with fs.open_raw("f", os.O_RDONLY) as reader, fs.open_raw("f", os.O_WRONLY) as writer:
+        assert reader.read(CHUNK) == _blocks(1)
+        assert reader.read(CHUNK) == _blocks(2)  # streaming: block 3 is being read ahead
+        assert writer.pwrite(_blocks(9), 2 * CHUNK) == CHUNK
+        assert reader.read(CHUNK) == _blocks(9)
+        assert reader.read(CHUNK) == _blocks(4)
+
+
+def test_read_ahead_is_dropped_by_a_truncate_by_path(fs: VirtioFS, share: Path) -> None:
+    (share / "f").write_bytes(_blocks(1, 2, 3, 4))
+    with fs.open_raw("f", os.O_RDONLY) as reader:
+        assert reader.read(CHUNK) == _blocks(1)
+        assert reader.read(CHUNK) == _blocks(2)
+        fs.truncate("f", 2 * CHUNK + 10)
+        assert reader.read(CHUNK) == _blocks(3)[:10]
+        assert reader.read(CHUNK) == b""
+
+
+def test_seek_and_pread_do_not_use_a_stale_read_ahead(fs: VirtioFS, share: Path) -> None:
+    (share / "f").write_bytes(_blocks(1, 2, 3, 4, 5))
+    with fs.open_raw("f", os.O_RDONLY) as f:
+        assert f.read(CHUNK) + f.read(CHUNK) == _blocks(1, 2)
+        assert f.pread(CHUNK, 4 * CHUNK) == _blocks(5)  # explicit offset: position kept
+        assert f.read(CHUNK) == _blocks(3)
+        f.seek(CHUNK)
+        assert f.read(2 * CHUNK) == _blocks(2, 3)  # larger than what was read ahead
+        assert f.read(CHUNK // 2) == _blocks(4)[:CHUNK // 2]
+
+
+def test_read_ahead_can_be_turned_off(share: Path) -> None:
+    from api import connect
+
+    (share / "f").write_bytes(_blocks(1, 2, 3, 4))
+    with connect(str(share), read_ahead=False) as vfs, vfs.open_raw("f", os.O_RDONLY) as f:
+        before = request_count(vfs, Opcode.READ)
+        assert f.read(CHUNK) + f.read(CHUNK) == _blocks(1, 2)
+        # with read-ahead the second read would have sent a READ for block 3 as well
+        assert request_count(vfs, Opcode.READ) - before == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import api
 from api import bench
 
 
@@ -80,19 +79,18 @@ def test_quick_bench_runs_every_workload_on_every_config(
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_remote_is_na_until_connect_remote_exists(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    if hasattr(api, "connect_remote"):
-        monkeypatch.delattr(api, "connect_remote")
+def test_a_configuration_that_cannot_start_is_na_with_its_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-virtiofsd"
     out = tmp_path / "r.json"
     rc = bench.main(["--quick", "--files", "10", "--only", "getattr,stat_warm", "--configs",
-                     "native,remote", "--json", str(out), "--workdir", str(tmp_path), "--quiet"])
+                     "native,inproc", "--virtiofsd", str(missing), "--json", str(out),
+                     "--workdir", str(tmp_path), "--quiet"])
     assert rc == 0
     report = json.loads(out.read_text())
-    remote = _results(report, "getattr")["remote"]
-    assert remote["status"] == "n/a" and "connect_remote" in remote["reason"]
-    assert report["meta"]["configs"]["remote"]["available"] is False
+    inproc = _results(report, "getattr")["inproc"]
+    assert inproc["status"] == "n/a" and str(missing) in inproc["reason"]
+    assert report["meta"]["configs"]["inproc"]["available"] is False
     assert _results(report, "getattr")["native"]["status"] == "ok"
     assert "n/a" in capsys.readouterr().out
 

@@ -409,7 +409,7 @@ def test_wrong_or_missing_options(host_dir: Path) -> None:
         VirtioFileSystem(share=str(host_dir / "does-not-exist"), skip_instance_cache=True)
 
 
-def test_vfs_object_and_remote(host_dir: Path, root: tuple[str, Path]) -> None:
+def test_vfs_object(host_dir: Path, root: tuple[str, Path]) -> None:
     import api
 
     base, host = root
@@ -419,9 +419,6 @@ def test_vfs_object_and_remote(host_dir: Path, root: tuple[str, Path]) -> None:
         assert fs.cat(f"{base}/x") == b"x"
         fs.close()  # not ours to close
         assert share.exists(f"{base}/x")
-    if getattr(api, "connect_remote", None) is None:
-        with pytest.raises(NotImplementedError, match="connect_remote"):
-            VirtioFileSystem(remote="tcp://127.0.0.1:1")
 
 
 def test_socket_share(tmp_path: Path) -> None:

@@ -25,14 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.soak, pytest.mark.daemon]
 
 
-def _agent_available() -> bool:
-    try:
-        import api.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _assert_correct(result: dict[str, Any]) -> None:
     print("\n" + format_summary(result))
     assert result["operations"] > 0
@@ -46,10 +38,9 @@ def _assert_correct(result: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(600)
 def test_soak_60_seconds(tmp_path: Path) -> None:
-    """16 clients for 60 s: 8 in-process, 8 remote (through the multi-tenant agent, two
-    tenants, when the agent is in the tree; through a ShareServer otherwise)."""
-    server = "agent" if _agent_available() else "serve"
-    result = run_soak(SoakConfig(duration=60.0, clients=16, server=server, agent_tenants=2,
+    """16 clients for 60 s: 8 in-process, 8 remote through the multi-tenant agent (two
+    tenants, each with its own daemon)."""
+    result = run_soak(SoakConfig(duration=60.0, clients=16, server="agent", agent_tenants=2,
                                  directory=str(tmp_path), progress=0.0), out=None)
     _assert_correct(result)
     # every kind of operation ran and was checked

@@ -79,6 +79,7 @@ from codec.fuse_abi import (
     WRITE_OUT,
     Opcode,
 )
+from hw.doorbell import Doorbell
 
 __all__ = [
     "Armed",
@@ -616,7 +617,7 @@ class VhostUserBackend:
         self._storm_until = 0.0
         self._storm_queue = 1
         self._commands: deque[Callable[[], None]] = deque()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = Doorbell()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -640,8 +641,7 @@ class VhostUserBackend:
         Raises RuntimeError if the thread does not end within ``timeout``.
         """
         self._stopping = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        self._wake.ring()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -650,9 +650,7 @@ class VhostUserBackend:
         if self._listen is not None:
             self._listen.close()
             self._listen = None
-        if self._wake >= 0:
-            os.close(self._wake)
-            self._wake = -1
+        self._wake.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> VhostUserBackend:
@@ -688,8 +686,7 @@ class VhostUserBackend:
                 done.set()
 
         self._commands.append(run)
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        self._wake.ring()
         return True if wait is None else done.wait(wait)
 
     def sync(self, timeout: float = 5.0) -> bool:
@@ -759,7 +756,7 @@ class VhostUserBackend:
         poller.register(self._wake, select.POLLIN)
         while not self._stopping and time.monotonic() < deadline:
             events = dict(poller.poll(50))
-            if self._wake in events:
+            if self._wake.fileno() in events:
                 self._drain_wake()
                 self._run_commands()
             if self._listen.fileno() in events:
@@ -791,7 +788,7 @@ class VhostUserBackend:
                     kicks[ring.kick_fd] = ring
                     poller.register(ring.kick_fd, select.POLLIN)
             events = dict(poller.poll(1 if storming else 50))
-            if self._wake in events:
+            if self._wake.fileno() in events:
                 self._drain_wake()
                 self._run_commands()
             if self._conn is not None and self._conn.fileno() in events:
@@ -806,8 +803,7 @@ class VhostUserBackend:
                 self._signal(self._rings[self._storm_queue], count=False)
 
     def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.eventfd_read(self._wake)
+        self._wake.drain()
 
     def _run_commands(self) -> None:
         for _ in range(len(self._commands)):
