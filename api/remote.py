@@ -125,7 +125,7 @@ class RemoteFS(ShareFS):
         self._ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake, zmq.POLLIN)
+        poller.register(self._wake.fileno(), zmq.POLLIN)
         next_ping = time.monotonic()
         try:
             while not self._closing.is_set() or self._outbox:
@@ -137,7 +137,7 @@ class RemoteFS(ShareFS):
                         sock.send(wire.encode_request(0, wire.Ping()), zmq.NOBLOCK)
                     next_ping = now + self.heartbeat_interval
                 events = dict(poller.poll(max(0.0, next_ping - now) * 1000))
-                if events.get(self._wake):
+                if events.get(self._wake.fileno()):
                     self._wake.drain()
                 while self._outbox:
                     request_id, frames = self._outbox.popleft()

@@ -356,7 +356,7 @@ class ShareServer:
         log.info("serving on %s", ", ".join(self.endpoints))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake, zmq.POLLIN)
+        poller.register(self._wake.fileno(), zmq.POLLIN)
         next_sweep = time.monotonic() + 1.0
         try:
             while not self._stop.is_set():
@@ -364,7 +364,7 @@ class ShareServer:
                 if self._drain_until is not None:
                     timeout = min(timeout, 0.05)
                 events = dict(poller.poll(timeout * 1000))
-                if events.get(self._wake):
+                if events.get(self._wake.fileno()):
                     self._wake.drain()
                 self._run_calls()
                 self._send_completed(sock)

@@ -225,3 +225,29 @@ def test_request_timeout_is_an_oserror(tmp_path: Path) -> None:
     finally:
         silent.close(0)
         ctx.term()
+
+
+def _thread_cpu_seconds(name_prefix: str) -> float:
+    """CPU time used so far by this process's threads whose name starts with the prefix."""
+    total = 0.0
+    for t in threading.enumerate():
+        if t.name.startswith(name_prefix) and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_idle_server_and_client_do_not_spin(served: tuple[VirtioFS, ShareServer]) -> None:
+    """With a client connected and nothing to do, the server's and the client's I/O
+    threads sleep in poll (a wake-up eventfd that is never drained would make both spin)."""
+    _, server = served
+    with connect_remote(server.endpoints[0], heartbeat_interval=0.5) as fs:
+        fs.listdir("/")
+        before = _thread_cpu_seconds("ShareServer") + _thread_cpu_seconds("RemoteFS-io")
+        time.sleep(1.5)
+        used = _thread_cpu_seconds("ShareServer") + _thread_cpu_seconds("RemoteFS-io")
+        assert used - before < 0.3, f"idle I/O threads used {used - before:.2f} s of CPU"
