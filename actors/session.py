@@ -388,7 +388,11 @@ class SessionActor(pykka.ThreadingActor):
         return node
 
     def _require_dir(self, node: _Node) -> None:
-        if not stat_mod.S_ISDIR(self._attr(node).mode):
+        # A node's file type never changes, so attributes past their timeout still tell
+        # it: no GETATTR of the parent before every create or unlink in a directory that
+        # the previous one changed (the kernel does not send one either).
+        attr = node.attr if node.attr is not None else self._attr(node)
+        if not stat_mod.S_ISDIR(attr.mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
 
     def _descend(self, stack: list[_Node], parts: list[bytes], *, follow: bool,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on Debian/Ubuntu: a virtiofsd binary, what the FUSE re-export needs,
 # a virtual environment in .venv, and this project installed into it (editable, with the
-# test, fuse and fsspec extras). Safe to run again: a machine that has everything costs
+# test, fuse, fsspec and bench extras). Safe to run again: a machine that has everything costs
 # no apt or pip call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +65,7 @@ fi
 stamp=.venv/.pyvirtiofs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[test,fuse,fsspec]'
+    .venv/bin/python -m pip install -q -e '.[test,fuse,fsspec,bench]'
     touch "$stamp"
 fi
 echo "setup: ready (virtiofsd: $(find_virtiofsd))" >&2
