@@ -25,7 +25,7 @@ import time
 
 __all__ = ["PublishedAttrs"]
 
-MAX_ENTRIES = 65536
+MAX_ENTRIES = 16384  # as many as the session keeps nodes (SessionConfig.max_nodes)
 
 
 class PublishedAttrs:
@@ -33,7 +33,9 @@ class PublishedAttrs:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[bytes, bool], tuple[os.stat_result, float, int]] = {}
-        self._by_node: dict[int, list[tuple[bytes, bool]]] = {}
+        # A set, not a list: a path stat'ed again after its entry expired is put again, and
+        # a list would grow by one key each time (a leak in a long-lived agent).
+        self._by_node: dict[int, set[tuple[bytes, bool]]] = {}
         self.enabled = True
         self._share_version = 0
         self._node_versions: dict[int, int] = {}
@@ -52,8 +54,15 @@ class PublishedAttrs:
         if len(self._entries) >= MAX_ENTRIES:
             self.clear()
         key = (path, follow)
+        old = self._entries.get(key)
+        if old is not None and old[2] != nodeid:  # the path names another file now
+            names = self._by_node.get(old[2])
+            if names is not None:
+                names.discard(key)
+                if not names:
+                    del self._by_node[old[2]]
         self._entries[key] = (result, expiry, nodeid)
-        self._by_node.setdefault(nodeid, []).append(key)
+        self._by_node.setdefault(nodeid, set()).add(key)
 
     def clear(self) -> None:
         self._entries = {}
@@ -82,5 +91,7 @@ class PublishedAttrs:
             self._node_versions[nodeid] = self._node_versions.get(nodeid, 0) + 1
 
     def invalidate_node(self, nodeid: int) -> None:
-        for key in self._by_node.pop(nodeid, ()):
+        # list(): one C call, so a put() on the session thread cannot change the set while
+        # we go through it
+        for key in list(self._by_node.pop(nodeid, ())):
             self._entries.pop(key, None)

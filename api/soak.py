@@ -1145,6 +1145,9 @@ def _quiet_logging(level: int = logging.CRITICAL) -> None:
     for name in ("pykka", "actors", "api.local", "api.server", "api.remote", "hw",
                  "pyvirtiofs.agent"):
         logging.getLogger(name).setLevel(level)
+    # Except why a daemon died: its exit status and last words (a kill by the soak itself
+    # says "exit status -9"; anything else is a finding).
+    logging.getLogger("actors.device").setLevel(logging.ERROR)
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
