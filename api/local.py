@@ -107,6 +107,13 @@ class _Connection:
             self.device.stop()
             raise
 
+    def mark_lost(self, generation: int) -> None:
+        """A call made under ``generation`` saw ENOTCONN. Only the current generation's
+        loss counts: a caller still on a daemon that was already replaced must not get the
+        healthy new one restarted (and its callers' requests failed) for nothing."""
+        if generation == self.generation:
+            self.lost = True
+
     def restart_if_lost(self) -> None:
         if not self.lost or self.reopen is None:
             return
@@ -178,7 +185,9 @@ class VirtioFS(ShareFS):
 
     # -- transport hooks --------------------------------------------------------------------
 
-    def _ask_actor(self, ref: Any, message: Any, name: str | None = None) -> Any:
+    def _ask_actor(self, ref: Any, message: Any, generation: int,
+                   name: str | None = None) -> Any:
+        """Ask ``ref`` (an actor of connection ``generation``) and translate its errors."""
         if self.ctx is not None:
             message = msgspec.structs.replace(message, ctx=self.ctx)
         try:
@@ -189,12 +198,16 @@ class VirtioFS(ShareFS):
             raise OSError(errno.EBADF, "file handle is gone", name) from None
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
-                self._conn.lost = True
+                self._conn.mark_lost(generation)
             raise _fix_filename(exc) from None
 
     def _ask(self, message: Any) -> Any:
         self._conn.restart_if_lost()
-        return self._ask_actor(self._conn.session, message)
+        # The generation first, then the session: if a restart slips in between, an error
+        # from the new session is attributed to the old generation and ignored (the next
+        # call sees it again), never the other way round.
+        generation = self._conn.generation
+        return self._ask_actor(self._conn.session, message, generation)
 
     def _open_file(self, message: m.Open) -> tuple[Any, int]:
         opened: m.OpenedFile = self._ask(message)
@@ -211,11 +224,11 @@ class VirtioFS(ShareFS):
         return ref
 
     def _ask_handle(self, handle: Any, message: Any, name: str | None = None) -> Any:
-        return self._ask_actor(self._handle_ref(handle, name), message, name)
+        return self._ask_actor(self._handle_ref(handle, name), message, handle[1], name)
 
     def _readinto(self, handle: Any, buffer: Any, name: str | None = None) -> int:
         # In-process the file actor copies straight from guest memory into the buffer.
-        return self._ask_actor(self._handle_ref(handle, name), m.ReadInto(buffer=buffer), name)
+        return self._ask_handle(handle, m.ReadInto(buffer=buffer), name)
 
     def _close_handle(self, handle: Any) -> None:
         with contextlib.suppress(pykka.ActorDeadError):
