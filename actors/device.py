@@ -342,9 +342,12 @@ class DeviceActor(pykka.ThreadingActor):
         detail = "virtio-fs device died" + (f" (daemon exit status {rc})" if rc is not None else "")
         # The daemon's last words say why (a vhost-user panic, a resource limit, …).
         said = getattr(daemon, "stderr_text", lambda limit: "")(600).strip()
-        log.error("%s; failing %d pending requests%s", detail,
+        rings = []
+        with contextlib.suppress(Exception):  # memory may be gone with the transport
+            rings = [vq.indices() for vq in self.transport.queues]
+        log.error("%s; failing %d pending requests%s; rings %s", detail,
                   self.channel.in_flight + len(self.backlog),
-                  f"; daemon said: {said}" if said else "")
+                  f"; daemon said: {said}" if said else "", rings)
         self.dead = DeviceGone(detail)
         # Stop watching: the dead socket would stay readable forever (a busy loop).
         inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]

@@ -56,6 +56,7 @@ from zmq.utils import z85
 from actors.session import SessionConfig
 from api import keys as keymod
 from api.local import VirtioFS
+from api.process import tune_malloc_for_servers
 from api.server import ShareServer, Tenant, TenantLimits
 from codec import messages as m
 from hw.transport import VhostUserTransport, open_private_device
@@ -1284,6 +1285,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
               f"{', '.join(sorted(config.tenants))}")
         return 0
     setup_logging(config.log_format, config.log_level)
+    tune_malloc_for_servers()
     agent = Agent(config)
     try:
         return agent.run()

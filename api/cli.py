@@ -389,8 +389,10 @@ def cmd_mv(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from api.process import tune_malloc_for_servers
     from api.server import ShareServer, Tenant
 
+    tune_malloc_for_servers()
     fs = open_share(args.folder)
     server = ShareServer(args.bind, tenant=Tenant("default", fs),  # type: ignore[arg-type]
                          heartbeat_timeout=args.heartbeat_timeout)

@@ -996,15 +996,7 @@ def _ring_state(transport: Any) -> list[dict[str, int]]:
     out = []
     for index, vq in enumerate(getattr(transport, "queues", [])):
         with contextlib.suppress(Exception):
-            mem = vq._mem
-            out.append({"queue": index, "avail_shadow": vq._avail_shadow,
-                        "published": vq._published,
-                        "avail_idx_in_memory": int.from_bytes(
-                            mem[vq._avail_idx_off:vq._avail_idx_off + 2], "little"),
-                        "last_used": vq._last_used,
-                        "used_idx_in_memory": int.from_bytes(
-                            mem[vq._used_idx_off:vq._used_idx_off + 2], "little"),
-                        "in_flight": vq.in_flight})
+            out.append({"queue": index, **vq.indices()})
     return out
 
 
@@ -1029,6 +1021,7 @@ def _debug_objects() -> dict[str, Any]:
 def _server_child(argv: Sequence[str]) -> int:
     """The child process: serve DIR on --bind until stdin says quit (or closes)."""
     from api.local import connect
+    from api.process import tune_malloc_for_servers
     from api.server import ShareServer, Tenant
 
     p = argparse.ArgumentParser(prog="python -m api.soak _server")
@@ -1037,6 +1030,7 @@ def _server_child(argv: Sequence[str]) -> int:
     p.add_argument("--virtiofsd")
     args = p.parse_args(argv)
     _quiet_logging(logging.WARNING)
+    tune_malloc_for_servers()  # as `pyvirtiofs serve` does
     out_lock = threading.Lock()
 
     def emit(obj: dict[str, Any]) -> None:

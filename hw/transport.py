@@ -113,6 +113,7 @@ class VhostUserTransport:
             for index in range(nqueues):
                 vq = SplitVirtqueue(self.memory.view, index * ring_bytes, queue_size,
                                     event_idx=self.event_idx, indirect=self.indirect)
+                self.queues.append(vq)  # from here on _release() lets go of its memory
                 kick, call = _eventfd(), _eventfd()
                 self._kick_fds.append(kick)
                 self._call_fds.append(call)
@@ -122,7 +123,6 @@ class VhostUserTransport:
                     desc_addr=uva + vq.desc_offset, avail_addr=uva + vq.avail_offset,
                     used_addr=uva + vq.used_offset, kick_fd=kick, call_fd=call,
                 ))
-                self.queues.append(vq)
         except BaseException:
             self._release()
             raise
@@ -187,6 +187,8 @@ class VhostUserTransport:
                 os.close(fd)
         self._kick_fds.clear()
         self._call_fds.clear()
+        for vq in self.queues:
+            vq.release()
         self.queues = []
         if hasattr(self, "memory"):
             try:

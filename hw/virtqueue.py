@@ -30,6 +30,7 @@ subtracted modulo 2**16, never compared with ``<``.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -61,7 +62,6 @@ MAX_QUEUE_SIZE = 32768
 
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U32_LIMIT = 1 << 32
 _U64_LIMIT = 1 << 64
@@ -174,6 +174,7 @@ class SplitVirtqueue:
         "_used_idx_off",
         "_used_off",
         "_used_ring_off",
+        "_words",
         "bogus_completions",
         "idx_overruns",
         "overlong_completions",
@@ -242,6 +243,13 @@ class SplitVirtqueue:
         self._used_ring_off = self._used_off + 4
         self._avail_event_off = self._used_ring_off + 8 * size
 
+        # Every ring index and event field is read and written through this u16 view: one
+        # 2-byte load or store each. struct.pack_into would first zero the field and then
+        # store it byte by byte, and the device, reading concurrently, once saw avail.idx
+        # as 0 ("Guest moved used index from 52859 to 0": libvhost-user exits).
+        if sys.byteorder != "little":
+            raise RuntimeError("virtio rings are little-endian; this host is not")
+        self._words = mem.cast("B")[: mem.nbytes & ~1].cast("H")
         mem[offset : offset + total] = bytes(total)
         # Both indices, and both event fields, start at start_idx. The event fields matter:
         # avail_event = 0 with start_idx != 0 would make publish() suppress the first kick
@@ -252,7 +260,7 @@ class SplitVirtqueue:
             self._used_event_off,
             self._avail_event_off,
         ):
-            _U16.pack_into(mem, off, start_idx)
+            self._words[off >> 1] = start_idx
 
         self._avail_shadow = start_idx  # next avail.idx (includes unpublished adds)
         self._published = start_idx  # avail.idx as last stored
@@ -379,7 +387,7 @@ class SplitVirtqueue:
         self._token[head] = token
         self._in_flight += 1
         shadow = self._avail_shadow
-        _U16.pack_into(mem, self._avail_ring_off + 2 * (shadow & self._mask), head)
+        self._words[(self._avail_ring_off >> 1) + (shadow & self._mask)] = head
         self._avail_shadow = (shadow + 1) & 0xFFFF
         self._added += 1
         return head
@@ -393,22 +401,35 @@ class SplitVirtqueue:
             return False
         old = self._published
         new = self._avail_shadow
-        mem = self._mem
-        _U16.pack_into(mem, self._avail_idx_off, new)
+        self._words[self._avail_idx_off >> 1] = new
         self._published = new
         self._added = 0
         # The device may have gone to sleep after reading the old avail.idx; its
         # avail_event / NO_NOTIFY must be read after our store is globally visible.
         full_fence()
         if self._event_idx:
-            event = _U16.unpack_from(mem, self._avail_event_off)[0]
+            event = self._words[self._avail_event_off >> 1]
             return vring_need_event(event, new, old)
-        return not (_U16.unpack_from(mem, self._used_flags_off)[0] & VRING_USED_F_NO_NOTIFY)
+        return not (self._words[self._used_flags_off >> 1] & VRING_USED_F_NO_NOTIFY)
+
+    def release(self) -> None:
+        """Drop this queue's view of guest memory (so the memory can be unmapped); the
+        queue is unusable afterwards."""
+        self._words.release()
+
+    def indices(self) -> dict[str, int]:
+        """Our ring indices beside what shared memory holds now: after a device died
+        complaining about an index, this tells whether memory or the device was wrong."""
+        return {"avail_shadow": self._avail_shadow, "published": self._published,
+                "avail_idx_in_memory": self._words[self._avail_idx_off >> 1],
+                "last_used": self._last_used,
+                "used_idx_in_memory": self._words[self._used_idx_off >> 1],
+                "in_flight": self._in_flight}
 
     # -- completion ------------------------------------------------------------------
     def has_used(self) -> bool:
         """True if the device has returned chains not yet harvested."""
-        return _U16.unpack_from(self._mem, self._used_idx_off)[0] != self._last_used
+        return self._words[self._used_idx_off >> 1] != self._last_used
 
     def harvest(self) -> list[Completion]:
         """Take every used entry, free their descriptors, return them in ring order.
@@ -436,11 +457,11 @@ class SplitVirtqueue:
             budget -= examined
             if self._event_idx:
                 if self._irq_enabled:
-                    _U16.pack_into(self._mem, self._used_event_off, self._last_used)
+                    self._words[self._used_event_off >> 1] = self._last_used
                     full_fence()
                 else:
                     # Keep the "never" point just behind us so the device never reaches it.
-                    _U16.pack_into(self._mem, self._used_event_off, (self._last_used - 1) & 0xFFFF)
+                    self._words[self._used_event_off >> 1] = (self._last_used - 1) & 0xFFFF
         return out
 
     def harvest_all(self) -> list[Completion]:
@@ -450,7 +471,7 @@ class SplitVirtqueue:
     def _drain(self, out: list[Completion]) -> int:
         """One pass over the entries present now; return how many ring entries were examined."""
         mem = self._mem
-        used_idx = _U16.unpack_from(mem, self._used_idx_off)[0]
+        used_idx = self._words[self._used_idx_off >> 1]
         last = self._last_used
         pending = (used_idx - last) & 0xFFFF
         if not pending:
@@ -494,9 +515,9 @@ class SplitVirtqueue:
         if self._event_idx:
             # The spec requires avail.flags == 0 with EVENT_IDX; instead put used_event just
             # behind the last seen index: the device would have to lap the u16 to hit it.
-            _U16.pack_into(self._mem, self._used_event_off, (self._last_used - 1) & 0xFFFF)
+            self._words[self._used_event_off >> 1] = (self._last_used - 1) & 0xFFFF
         else:
-            _U16.pack_into(self._mem, self._avail_flags_off, VRING_AVAIL_F_NO_INTERRUPT)
+            self._words[self._avail_flags_off >> 1] = VRING_AVAIL_F_NO_INTERRUPT
 
     def enable_interrupts(self) -> bool:
         """Re-arm device notifications; return True if used entries are already pending.
@@ -506,9 +527,9 @@ class SplitVirtqueue:
         """
         self._irq_enabled = True
         if self._event_idx:
-            _U16.pack_into(self._mem, self._used_event_off, self._last_used)
+            self._words[self._used_event_off >> 1] = self._last_used
         else:
-            _U16.pack_into(self._mem, self._avail_flags_off, 0)
+            self._words[self._avail_flags_off >> 1] = 0
         full_fence()
         return self.has_used()
 
@@ -528,7 +549,7 @@ class SplitVirtqueue:
         self._token = [None] * self._size
         # Skip whatever the device may have left in the used ring, and anything added but
         # never published.
-        self._last_used = _U16.unpack_from(self._mem, self._used_idx_off)[0]
+        self._last_used = self._words[self._used_idx_off >> 1]
         self._avail_shadow = self._published
         self._added = 0
         return tokens

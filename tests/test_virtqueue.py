@@ -7,8 +7,12 @@ mapping -- and checks what a strict device would check (flags, order, link integ
 
 from __future__ import annotations
 
+import json
 import random
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -729,11 +733,61 @@ def test_end_to_end_in_guest_memory() -> None:
 def test_queue_after_memory_close_fails_cleanly() -> None:
     gm = GuestMemory(64 * 1024)
     vq = SplitVirtqueue(gm.view, 0, 8, event_idx=False)
+    # A live queue keeps the memory mapped: closing it under the queue is refused.
+    with pytest.raises(BufferError):
+        gm.close()
+    vq.release()
     gm.close()
     with pytest.raises((ValueError, TypeError)):  # released view, not a segfault
         vq.add([(0x100, 1)], [])
     with pytest.raises(ValueError):
         vq.harvest()
+
+
+_WATCHER = """
+import mmap, sys, time
+fd, size, word, seconds = (int(a) for a in sys.argv[1:5])
+words = memoryview(mmap.mmap(fd, size)).cast("H")
+seen = set()
+deadline = time.monotonic() + seconds
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+while time.monotonic() < deadline:
+    for _ in range(1000):
+        seen.add(words[word])
+print(sorted(seen))
+"""
+
+
+def test_ring_indices_are_stored_whole() -> None:
+    """The device (another process) never sees an avail.idx that is neither the old nor
+    the new value. struct.pack_into zeroes a field before writing it byte by byte; a
+    daemon once read avail.idx as 0 in that window and exited ("Guest moved used index
+    from 52859 to 0")."""
+    gm = GuestMemory(64 * 1024)
+    vq = SplitVirtqueue(gm.view, 0, 8, event_idx=False, start_idx=1)
+    word = (vq.avail_offset + 2) // 2
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(gm.fd), str(gm.size), str(word), "3"],
+        pass_fds=(gm.fd,), stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline() == "ready\n"
+        published = 1
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and published < 60000:
+            for _ in range(100):
+                vq.add([(0x1000, 16)], [])
+                vq.publish()
+                vq.abandon_all()  # the watcher never completes anything: take them back
+                published += 1
+        seen = set(json.loads(watcher.stdout.readline()))
+    finally:
+        watcher.kill()
+        watcher.wait()
+        vq.release()
+        gm.close()
+    assert seen, "the watcher saw nothing"
+    assert seen <= set(range(1, published + 1)), sorted(seen - set(range(1, published + 1)))[:5]
 
 
 # --------------------------------------------------------------------------- stateful
