@@ -862,8 +862,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.request("quit", timeout=60)
+            self._ask_to_stop()
         try:
             rc = self.proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -872,6 +871,10 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
         return rc
+
+    def _ask_to_stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.request("quit", timeout=60)
 
 
 class AgentProcess(ServerProcess):
@@ -976,18 +979,11 @@ class AgentProcess(ServerProcess):
 
     def stop(self) -> int | None:
         self._stop_poll.set()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-        return rc
+        return super().stop()
+
+    def _ask_to_stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)  # the agent drains and exits 0
 
 
 def _ring_state(transport: Any) -> list[dict[str, int]]:

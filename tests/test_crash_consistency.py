@@ -412,20 +412,16 @@ def test_kill_remote_client(tmp_path: Path) -> None:
     _report("remote client killed", total)
 
 
-def test_kill_share_server(tmp_path: Path) -> None:
-    """kill -9 of the share server while a remote client writes."""
-    from api.soak import ServerProcess
-
+def _kill_server_while_writing(label: str, rounds: int, salt: int,
+                               start: Any) -> None:
+    """``rounds`` times: ``start(seed)`` a server (returning it, its daemon's pid, the host
+    folder the writer's files land in and the writer's arguments), let a writer work for a
+    random while, ``kill -9`` the server, wait for its daemon to go, check the host."""
     total = Figures()
-    for seed in _seeds(5, 3):
+    for seed in _seeds(rounds, salt):
         rng = random.Random(seed)
-        share = tmp_path / f"share{seed}"
-        share.mkdir()
-        runtime = tmp_path / f"rt{seed}"
-        runtime.mkdir()
-        server = ServerProcess(str(share), str(runtime), None).start()
-        daemon = server.daemon_pids()["remote"]
-        w = WriterProcess(["--remote", server.endpoints[0], "--seed", str(seed)])
+        server, daemon, host, writer_args = start(seed)
+        w = WriterProcess([*writer_args, "--seed", str(seed)])
         try:
             w.wait_ready()
             time.sleep(_run_for(rng))
@@ -436,40 +432,43 @@ def test_kill_share_server(tmp_path: Path) -> None:
         finally:
             w.kill()
             server.stop()
-        total.add(check_host(share, w.acks, f"share server, seed {seed}"))
-    _report("share server killed", total)
+        total.add(check_host(host, w.acks, f"{label}, seed {seed}"))
+    _report(f"{label} killed", total)
+
+
+def test_kill_share_server(tmp_path: Path) -> None:
+    """kill -9 of the share server while a remote client writes."""
+    from api.soak import ServerProcess
+
+    def start(seed: int) -> tuple[Any, int, Path, list[str]]:
+        share = tmp_path / f"share{seed}"
+        share.mkdir()
+        runtime = tmp_path / f"rt{seed}"
+        runtime.mkdir()
+        server = ServerProcess(str(share), str(runtime), None).start()
+        return server, server.daemon_pids()["remote"], share, ["--remote",
+                                                                server.endpoints[0]]
+
+    _kill_server_while_writing("share server", 5, 3, start)
 
 
 def test_kill_agent(tmp_path: Path) -> None:
     """kill -9 of the multi-tenant agent while a tenant writes."""
     from api.soak import AgentProcess
 
-    total = Figures()
-    for seed in _seeds(4, 4):
-        rng = random.Random(seed)
+    def start(seed: int) -> tuple[Any, int, Path, list[str]]:
         host = tmp_path / f"host{seed}"
         runtime = tmp_path / f"rt{seed}"
         runtime.mkdir()
         agent = AgentProcess(str(host), str(runtime), None, tenants=1)
         (host / "tenants" / "t0").mkdir(parents=True)
         agent.start()
-        daemon = agent.daemon_pids()["remote:t0"]
         keys = runtime / "keys"
-        w = WriterProcess(["--remote", agent.endpoints[0], "--curve-secret",
-                           str(keys / "t0.key_secret"), "--server-key",
-                           str(keys / "agent.key"), "--seed", str(seed)])
-        try:
-            w.wait_ready()
-            time.sleep(_run_for(rng))
-            assert agent.proc is not None
-            agent.proc.kill()
-            agent.proc.wait(30)
-            _wait_gone([daemon], f"seed {seed}")
-        finally:
-            w.kill()
-            agent.stop()
-        total.add(check_host(host / "tenants" / "t0", w.acks, f"agent, seed {seed}"))
-    _report("agent killed", total)
+        return agent, agent.daemon_pids()["remote:t0"], host / "tenants" / "t0", [
+            "--remote", agent.endpoints[0], "--curve-secret", str(keys / "t0.key_secret"),
+            "--server-key", str(keys / "agent.key")]
+
+    _kill_server_while_writing("agent", 4, 4, start)
 
 
 if __name__ == "__main__":
