@@ -67,7 +67,7 @@ class _DeviceInbox:
         self._sleeping = False
         self._closed = False
         self._poll = select.poll()
-        self._poll.register(self._wake, select.POLLIN)
+        self._poll.register(self._wake.fileno(), select.POLLIN)
         self._call_fds: dict[int, int] = {}  # fd -> queue index
         self._death_fd: int | None = None
         self.idle_hook: Any = None  # called before blocking (flushes batched kicks)

@@ -492,12 +492,11 @@ class SessionActor(pykka.ThreadingActor):
             return handler(self, message)
         finally:
             self._ctx = None
-            if isinstance(message, _CHANGES) or (
-                    isinstance(message, m.Open) and message.flags & (os.O_CREAT | os.O_TRUNC)):
+            opens = message.flags if isinstance(message, m.Open) else 0
+            if isinstance(message, _CHANGES) or opens & (os.O_CREAT | os.O_TRUNC):
                 self.published.clear()  # a change anywhere may reach any published path
-                if (isinstance(message, m.SetAttr) and message.size is not None) or (
-                        isinstance(message, m.Open) and message.flags & os.O_TRUNC):
-                    self.published.data_changed()  # a truncation: drop every read-ahead
+            if opens & os.O_TRUNC or (isinstance(message, m.SetAttr) and message.size is not None):
+                self.published.data_changed()  # a truncation: drop every read-ahead
 
     def _with_path(self, fn: Any, message: Any) -> Any:
         try:

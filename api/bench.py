@@ -41,7 +41,6 @@ import platform
 import random
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +52,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from api.process import sigterm_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -1496,12 +1497,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"bench: {line}", file=sys.stderr, flush=True)
 
-    previous = _exit_on_sigterm()
-    try:
+    with sigterm_interrupts():  # a killed bench still removes its daemons and folder
         report = run_bench(p, args, progress)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -1541,18 +1538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _exit_on_sigterm() -> Any:
-    """SIGTERM unwinds like Ctrl-C, so the scratch folder, daemons and server are cleaned
-    up (only when running as the main thread of a command)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Process-wide settings for the long-running servers (``pyvirtiofs serve``, the agent).
+"""Process-wide settings: malloc for the long-running servers (``pyvirtiofs serve``, the
+agent), and SIGTERM for the long-running commands (bench, soak).
 
 glibc's malloc gives each thread that allocates its own arena (up to 8 per core) and
 raises its mmap threshold as large blocks are freed, so 1 MiB read and write buffers
@@ -11,11 +12,16 @@ free) keep it flat. Other C libraries: nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["tune_malloc_for_servers"]
+__all__ = ["sigterm_interrupts", "tune_malloc_for_servers"]
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +45,23 @@ def tune_malloc_for_servers(arenas: int = 2, mmap_threshold: int = 256 << 10) ->
     if not ok:
         log.debug("mallopt refused the server settings")
     return ok
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM unwinds like Ctrl-C (KeyboardInterrupt), so a command's
+    ``finally`` clauses stop its daemons and servers and remove its scratch folders; the
+    previous handler is back afterwards. Only the main thread can set handlers: elsewhere
+    (a command run from a test's thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -62,6 +62,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.process import sigterm_interrupts
+
 __all__ = ["SoakConfig", "add_parser", "format_summary", "main", "run_soak"]
 
 log = logging.getLogger("pyvirtiofs.soak")
@@ -1649,10 +1651,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_soak(args: argparse.Namespace) -> int:
     """Run a soak from parsed arguments; 0 when it passed."""
     if not getattr(args, "verbose", False):
@@ -1668,10 +1666,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
                         keep=args.keep, virtiofsd=args.virtiofsd, server=args.server,
                         agent_tenants=max(1, args.agent_tenants),
                         progress=0.0 if args.quiet else args.progress)
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM stops the soak like Ctrl-C: the server, daemons and folders are cleaned up.
-        signal.signal(signal.SIGTERM, _interrupt)
-    result = run_soak(config, out=None if args.quiet else sys.stderr)
+    with sigterm_interrupts():  # a killed soak still stops its server, daemons, folders
+        result = run_soak(config, out=None if args.quiet else sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

@@ -19,7 +19,11 @@ __all__ = ["Doorbell"]
 
 class Doorbell:
     """A non-blocking eventfd: :meth:`ring` from any thread, :meth:`fileno` to poll it,
-    :meth:`drain` in the polling thread, :meth:`close` once."""
+    :meth:`drain` in the polling thread, :meth:`close` once.
+
+    Register and compare :meth:`fileno`, not the object: pollers (``select.poll``,
+    ``zmq.Poller``) report plain fds, and a wake-up that is never drained makes the
+    poller spin."""
 
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
