@@ -1,9 +1,10 @@
-"""FuseChannel: FUSE requests in and out of the virtqueues — mechanics only, no threads.
+"""FuseChannel: the FUSE exchange over the request queues — rules only, no threads.
 
-The channel assigns each request a non-zero ``unique``, copies it into guest memory,
-builds its descriptor chain (device-readable request, then device-writable reply buffer),
-publishes, and kicks. On harvest it validates each reply against the request it answers
-(descriptor head → in-flight record → ``unique``), decodes it, and frees the buffer.
+The channel assigns each request a non-zero ``unique``, writes its header and arguments
+into a buffer of :class:`~pyvirtiofs.hw.queues.RequestQueues` (which chains, publishes and
+kicks), and on harvest validates each reply against the request it answers (descriptor
+head → in-flight record → ``unique``) and decodes it. It is the FUSE half of the device;
+the ring half, which knows nothing of FUSE, is :mod:`pyvirtiofs.hw.queues`.
 
 It is single-threaded by design: exactly one thread (the device actor's) may call it.
 :class:`BlockingDevice` drives it synchronously for the small paths that need no actors.
@@ -16,7 +17,7 @@ contract of this layer:
   also an ``OSError`` with errno ``EIO`` (as Linux reports a malformed reply), so callers
   may catch either; the channel keeps serving other requests;
 * a daemon error is an ``OSError`` with the daemon's errno; a dead daemon is
-  :class:`~hw.transport.DeviceGone` (``ENOTCONN``); no reply in time is ``ETIMEDOUT``
+  :class:`~pyvirtiofs.hw.transport.DeviceGone` (``ENOTCONN``); no reply in time is ``ETIMEDOUT``
   (raised by the driver: :class:`BlockingDevice` or the actors' timeouts);
 * lookups the daemon counted in a rejected reply (``FuseProtocolError.forget``), or in a
   reply that came after its caller gave up (:meth:`FuseChannel.abandon`), are paid back
@@ -38,15 +39,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from codec import fuse_replies
-from codec import fuse_requests as rq
-from codec.fuse_abi import FUSE_ROOT_ID, IN_HEADER, OUT_HEADER, Opcode
-from codec.fuse_replies import FuseProtocolError
-from codec.fuse_requests import FuseRequest, pack_in_header
-from codec.fuse_types import CreateOut, DirentPlus, EntryOut
-from hw.memory import BufferAllocator
-from hw.transport import DeviceGone, VirtioTransport
-from hw.virtqueue import QueueFull
+from pyvirtiofs.codec import fuse_replies
+from pyvirtiofs.codec import fuse_requests as rq
+from pyvirtiofs.codec.fuse_abi import FUSE_ROOT_ID, IN_HEADER, OUT_HEADER, Opcode
+from pyvirtiofs.codec.fuse_replies import FuseProtocolError
+from pyvirtiofs.codec.fuse_requests import FuseRequest, pack_in_header
+from pyvirtiofs.codec.fuse_types import CreateOut, DirentPlus, EntryOut
+from pyvirtiofs.hw.queues import Posted, RequestQueues
+from pyvirtiofs.hw.transport import DeviceGone, VirtioTransport
 
 __all__ = [
     "BlockingDevice",
@@ -60,9 +60,8 @@ log = logging.getLogger(__name__)
 
 HIPRIO_QUEUE = 0
 REQUEST_QUEUE = 1
-# The C daemon dies on a device-readable payload over 1 MiB + 4 KiB (DESIGN.md §3).
+# QEMU's C virtiofsd dies on a device-readable payload over 1 MiB + 4 KiB (seen on 7.2).
 MAX_READABLE = (1 << 20) + 4096
-_ALIGN = 64
 # FORGET pairs per BATCH_FORGET the channel sends (as the session does).
 _FORGET_CHUNK = 256
 _U64_MAX = (1 << 64) - 1
@@ -114,12 +113,9 @@ _INTERNAL = object()
 class _InFlight:
     unique: int
     request: FuseRequest
-    offset: int
-    reply_offset: int
-    reply_capacity: int
     token: Any
     sink: memoryview | None
-    queue: int
+    posted: Posted | None = None
     abandoned: bool = False  # the caller gave up (timeout): reclaim the reply, deliver nothing
 
 
@@ -137,26 +133,22 @@ class FuseChannel:
     def __init__(self, transport: VirtioTransport, *, ctx: RequestContext | None = None) -> None:
         self.transport = transport
         self.ctx = ctx or RequestContext.current()
-        mem = transport.memory
-        self._view = mem.view
-        self._gpa_base = mem.gpa_base
-        self.allocator = BufferAllocator(transport.buffer_start, mem.size, _ALIGN)
-        self._capacity = mem.size - transport.buffer_start
+        self.queues = RequestQueues(transport)
+        self.allocator = self.queues.allocator
+        self._view = self.queues.view
         self._unique = 0
         self._inflight: dict[int, _InFlight] = {}
-        self._dirty: set[int] = set()
         self.requests_sent: Counter[int] = Counter()  # per opcode: the request economy
         self.protocol_errors = 0
         self.decode_failures = 0
         self.late_replies = 0
         self.forgets_sent = 0
         self.releases_sent = 0
-        self.quarantined_bytes = 0
         self._owed_forgets: list[tuple[int, int]] = []
         self._owed_releases: list[FuseRequest] = []
-        self._overruns = [vq.idx_overruns for vq in transport.queues]
-        self._broken: dict[int, str] = {}  # queue index -> why it is unusable
+        self._broken = self.queues.broken  # queue index -> why it is unusable
         self._gone: str | None = None
+        self._done: list[Completion] = []  # filled while harvesting
 
     # -- submission ----------------------------------------------------------------------
 
@@ -164,6 +156,11 @@ class FuseChannel:
     def in_flight(self) -> int:
         """Requests the device holds (abandoned ones included, until the device returns them)."""
         return len(self._inflight)
+
+    @property
+    def quarantined_bytes(self) -> int:
+        """Buffers of broken queues, never freed (the device may still write into them)."""
+        return self.queues.quarantined_bytes
 
     @property
     def forgets_owed(self) -> int:
@@ -191,7 +188,7 @@ class FuseChannel:
         if req_len > MAX_READABLE:
             raise OSError(errno.EINVAL, f"request too large for the device ({req_len} bytes)")
         reply_len = OUT_HEADER.size + request.reply_size if request.expects_reply else 0
-        if _round(req_len) + reply_len > self._capacity:
+        if not self.queues.fits(req_len, reply_len):
             raise OSError(errno.ENOMEM, "request larger than guest memory")
 
     def submit(self, request: FuseRequest, token: Any = None, *,
@@ -210,11 +207,9 @@ class FuseChannel:
         args, payload = request.args, request.payload
         req_len = IN_HEADER.size + len(args) + (len(payload) if payload is not None else 0)
         reply_len = OUT_HEADER.size + request.reply_size if request.expects_reply else 0
-        span = _round(req_len)
-        offset = self.allocator.alloc(span + reply_len)
+        offset = self.queues.reserve(req_len, reply_len)
         if offset is None:
             return False
-        vq = self.transport.queues[queue]
         unique = self._next_unique()
         c = ctx or self.ctx
         view = self._view
@@ -225,16 +220,11 @@ class FuseChannel:
         if payload is not None:
             pos += len(args)
             view[pos:pos + len(payload)] = payload
-        gpa = self._gpa_base + offset
-        writable = [(gpa + span, reply_len)] if reply_len else []
-        record = _InFlight(unique, request, offset, offset + span, reply_len, token, sink, queue)
-        try:
-            vq.add([(gpa, req_len)], writable, record)
-        except QueueFull:
-            self.allocator.free(offset)
+        record = _InFlight(unique, request, token, sink)
+        record.posted = self.queues.post(queue, offset, req_len, reply_len, record)
+        if record.posted is None:
             return False
         self._inflight[unique] = record
-        self._dirty.add(queue)
         self.requests_sent[request.opcode] += 1
         return True
 
@@ -242,10 +232,7 @@ class FuseChannel:
         """Publish everything submitted since the last flush; kick where the device asks.
 
         Submitting several requests then flushing once batches the notifications."""
-        for queue in self._dirty:
-            if self.transport.queues[queue].publish():
-                self.transport.kick(queue)
-        self._dirty.clear()
+        self.queues.flush()
 
     def abandon(self, token: Any) -> bool:
         """The caller of the request(s) submitted with ``token`` gave up (a timeout).
@@ -271,60 +258,50 @@ class FuseChannel:
         Completions of the channel's own requests and of abandoned ones are reclaimed
         here and not returned. Debts (FORGET/RELEASE) are sent before returning.
         """
-        done: list[Completion] = []
-        for index, vq in enumerate(self.transport.queues):
-            if index in self._broken:
-                continue
-            # Bounded: every non-empty batch retires at least one in-flight chain.
-            for _ in range(vq.size + 1):
-                batch = vq.harvest()
-                if vq.idx_overruns != self._overruns[index]:
-                    done += self._break_queue(index, [c.token for c in batch])
-                    break
-                if not batch:
-                    break
-                for completion in batch:
-                    out = self._complete(completion.token, completion.used_len,
-                                         completion.capacity)
-                    if out is not None:
-                        done.append(out)
+        self.queues.harvest(self._on_used, self._break_queue)
+        done, self._done = self._done, []
         self._pay_debts()
         return done
 
-    def _complete(self, record: _InFlight, used_len: int, capacity: int) -> Completion | None:
+    def _on_used(self, posted: Posted, used_len: int) -> None:
+        out = self._complete(posted.token, used_len)
+        if out is not None:
+            self._done.append(out)
+
+    def _complete(self, record: _InFlight, used_len: int) -> Completion | None:
         current = self._inflight.get(record.unique) is record
         if current:
             del self._inflight[record.unique]
         deliver = current and not record.abandoned and record.token is not _INTERNAL
         if not deliver and record.token is not _INTERNAL:
             self.late_replies += 1
+        if not record.request.expects_reply:
+            # FORGET: nothing comes back (virtiofsd returns the chain with len 0).
+            return Completion(record.token, None, None) if deliver else None
         try:
-            if not record.request.expects_reply:
-                # FORGET: nothing comes back (virtiofsd returns the chain with len 0).
-                return Completion(record.token, None, None) if deliver else None
-            try:
-                result = self._parse(record, used_len, capacity, deliver)
-            except FuseProtocolError as exc:
-                self.protocol_errors += 1
-                self._owe_forgets(exc.forget)
-                if not deliver:
-                    return None
-                return Completion(record.token, None, DeviceProtocolError.wrap(exc))
-            except OSError as exc:  # the daemon's own error
-                return Completion(record.token, None, exc) if deliver else None
+            result = self._parse(record, used_len, deliver)
+        except FuseProtocolError as exc:
+            self.protocol_errors += 1
+            self._owe_forgets(exc.forget)
             if not deliver:
-                self._pay_back(record, result)
                 return None
-            return Completion(record.token, result, None)
-        finally:
-            self.allocator.free(record.offset)
+            return Completion(record.token, None, DeviceProtocolError.wrap(exc))
+        except OSError as exc:  # the daemon's own error
+            return Completion(record.token, None, exc) if deliver else None
+        if not deliver:
+            self._pay_back(record, result)
+            return None
+        return Completion(record.token, result, None)
 
-    def _parse(self, record: _InFlight, used_len: int, capacity: int, deliver: bool) -> Any:
+    def _parse(self, record: _InFlight, used_len: int, deliver: bool) -> Any:
         """Validate and decode one reply; raises FuseProtocolError or the daemon's OSError."""
+        posted = record.posted
+        assert posted is not None
+        capacity = posted.reply_capacity
         if used_len > capacity:
             raise DeviceProtocolError(
                 f"device reported {used_len} bytes written into a {capacity}-byte buffer")
-        reply = self._view[record.reply_offset:record.reply_offset + record.reply_capacity]
+        reply = self._view[posted.reply_offset:posted.reply_offset + capacity]
         try:
             err, payload = fuse_replies.parse_out_header(reply, used_len, record.unique)
             if err:
@@ -357,28 +334,20 @@ class FuseChannel:
             return bytes(payload)
         return fuse_replies.decode_reply(req, payload)
 
-    def _break_queue(self, index: int, harvested: list[Any]) -> list[Completion]:
+    def _break_queue(self, index: int, reason: str, lost: list[Posted]) -> None:
         """The device moved used.idx by more than the queue size: nothing on this queue can
-        be trusted any more. Fail everything in flight on it (the entries just harvested
-        too: they came from a corrupt ring) and quarantine their buffers."""
-        vq = self.transport.queues[index]
-        reason = (f"device corrupted the used ring of queue {index} (used.idx moved by more "
-                  f"than the queue size {vq.size}); the queue is out of service")
+        be trusted any more. Fail everything that was in flight on it (the entries just
+        harvested too: they came from a corrupt ring); the ring half quarantines their
+        buffers."""
         log.error("%s", reason)
-        self._broken[index] = reason
-        self._overruns[index] = vq.idx_overruns
-        out: list[Completion] = []
-        for record in harvested + vq.abandon_all():
-            if not isinstance(record, _InFlight):
-                continue
-            self.quarantined_bytes += self.allocator.size_of(record.offset)
+        for posted in lost:
+            record: _InFlight = posted.token
             current = self._inflight.pop(record.unique, None) is record
             if current and not record.abandoned and record.token is not _INTERNAL:
                 self.protocol_errors += 1
-                out.append(Completion(record.token, None, DeviceProtocolError(reason)))
+                self._done.append(Completion(record.token, None, DeviceProtocolError(reason)))
         if index == HIPRIO_QUEUE:
             self._owed_forgets.clear()  # nowhere to send them
-        return out
 
     # -- paying back what the daemon holds for replies nobody takes ----------------------
 
@@ -444,10 +413,6 @@ class FuseChannel:
         self._gone = (exc.strerror if isinstance(exc, OSError) and exc.strerror
                       else str(exc)) or "virtio-fs device is gone"
         return done
-
-
-def _round(n: int) -> int:
-    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
 def _queue_of(request: FuseRequest) -> int:

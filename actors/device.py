@@ -8,7 +8,7 @@ transport's death fd. Interrupts and daemon death turn into ordinary messages
 exactly one thread, and there is no separate IRQ thread to coordinate with: the "IRQ loop"
 *is* the actor loop.
 
-Callers send :class:`codec.messages.FuseCall` with a future and wait on the future (or
+Callers send :class:`pyvirtiofs.actors.messages.FuseCall` with a future and wait on the future (or
 gather many): requests are pipelined up to the ring size; when the ring or guest memory
 is full, requests wait in a backlog and go out as completions free space.
 
@@ -17,8 +17,8 @@ encoded fails alone (the actor keeps serving everyone else); when the daemon die
 pending and later request fails with ENOTCONN; and a ``FuseCall`` that reaches the inbox
 after the actor stopped is failed by the inbox itself (pykka would drop a told message
 silently, and its caller would wait for its timeout). Actors that answer from a cache (the
-session) subscribe with :class:`codec.messages.WatchDevice` and are told
-:class:`codec.messages.DeviceLost`, so that they stop answering too.
+session) subscribe with :class:`pyvirtiofs.actors.messages.WatchDevice` and are told
+:class:`pyvirtiofs.actors.messages.DeviceLost`, so that they stop answering too.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any
 import pykka
 from pykka._envelope import Envelope  # pykka's inbox protocol carries Envelopes
 
-from actors.channel import Completion, FuseChannel, RequestContext
-from codec import fuse_requests
-from codec.fuse_abi import Opcode
-from codec.messages import Abandon, DeviceLost, DeviceStats, FuseCall, WatchDevice
-from hw.doorbell import Doorbell
-from hw.transport import DeviceGone, VirtioTransport
+from pyvirtiofs.actors.channel import Completion, FuseChannel, RequestContext
+from pyvirtiofs.actors.doorbell import Doorbell
+from pyvirtiofs.actors.messages import Abandon, DeviceLost, DeviceStats, FuseCall, WatchDevice
+from pyvirtiofs.codec import fuse_requests
+from pyvirtiofs.codec.fuse_abi import Opcode
+from pyvirtiofs.hw.transport import DeviceGone, VirtioTransport
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class _DeviceInbox:
 
 class DeviceActor(pykka.ThreadingActor):
     """Owns a transport. Messages: :class:`FuseCall`, :class:`Abandon`,
-    :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`codec.messages`).
+    :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`pyvirtiofs.actors.messages`).
 
     ``busy_poll``: spin on the used ring instead of sleeping on eventfds (lower latency,
     burns a core). ``max_in_flight``: how many requests may be on the rings at once

@@ -2,9 +2,9 @@
 
 Each holds its node id and FUSE file handle (and, for files, the open flags and the file
 position) and talks to the device actor directly — no hop through the session on the data
-path. Both send RELEASE / RELEASEDIR **exactly once**: on :class:`codec.messages.Close`, on
-a normal stop (also when their session stops them), and when they die from an error
-(``on_failure``). A failed release is logged, never raised.
+path. Both send RELEASE / RELEASEDIR **exactly once**: on
+:class:`~pyvirtiofs.actors.messages.Close`, on a normal stop (also when their session stops
+them), and when they die from an error (``on_failure``). A failed release is logged, never raised.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 
 import pykka
 
-from actors import device as dev
-from actors.published import PublishedAttrs
-from codec import fuse_requests as rq
-from codec import messages as m
-from codec.fuse_types import Attr, Dirent, DirentPlus, InitOut
+from pyvirtiofs.actors import device as dev
+from pyvirtiofs.actors import messages as m
+from pyvirtiofs.actors.published import PublishedAttrs
+from pyvirtiofs.codec import fuse_requests as rq
+from pyvirtiofs.codec.fuse_types import Attr, Dirent, DirentPlus, InitOut
 
 log = logging.getLogger(__name__)
 

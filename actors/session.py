@@ -15,9 +15,10 @@ State (all of it in :class:`SessionActor`, touched only by its thread):
   the session subscribes on start): from then on every request fails with ENOTCONN,
   answers the cache could give included.
 
-Paths are walked one component at a time (LOOKUP takes one name: DESIGN.md §3), ``..``
-never climbs above a mount's root, and symlinks are followed like POSIX: relative targets
-from the link's directory, absolute ones from the mount root, ELOOP after 40 hops.
+Paths are walked one component at a time (LOOKUP takes one name: virtiofsd answers EINVAL
+to a whole path), ``..`` never climbs above a mount's root, and symlinks are followed like
+POSIX: relative targets from the link's directory, absolute ones from the mount root,
+ELOOP after 40 hops.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from typing import Any, ClassVar
 
 import pykka
 
-from actors import device as dev
-from actors.handles import DirectoryActor, FileActor, HandleLimits
-from actors.published import PublishedAttrs
-from codec import fuse_requests as rq
-from codec import messages as m
-from codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, RENAME_EXCHANGE
-from codec.fuse_types import Attr, Dirent, DirentPlus, EntryOut, InitOut
-from hw.transport import DeviceGone
+from pyvirtiofs.actors import device as dev
+from pyvirtiofs.actors import messages as m
+from pyvirtiofs.actors.handles import DirectoryActor, FileActor, HandleLimits
+from pyvirtiofs.actors.published import PublishedAttrs
+from pyvirtiofs.codec import fuse_requests as rq
+from pyvirtiofs.codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, RENAME_EXCHANGE
+from pyvirtiofs.codec.fuse_types import Attr, Dirent, DirentPlus, EntryOut, InitOut
+from pyvirtiofs.hw.transport import DeviceGone
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import grp
+import importlib
 import logging
 import os
 import pwd
@@ -23,9 +24,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from api.fs import ShareFS
-from api.local import connect
-from api.remote import connect_remote
+from pyvirtiofs.api.fs import ShareFS
+from pyvirtiofs.api.local import connect
+from pyvirtiofs.api.remote.client import connect_remote
 
 __all__ = ["main"]
 
@@ -36,7 +37,7 @@ COPY_CHUNK = 1 << 20
 def open_share(share: str) -> ShareFS:
     """A local folder (private daemon) or a server endpoint."""
     if share.startswith(REMOTE_SCHEMES):
-        from api.keys import curve_from_env
+        from pyvirtiofs.api.remote.keys import curve_from_env
 
         fs = connect_remote(share, timeout=5.0, curve=curve_from_env())
         try:
@@ -389,8 +390,8 @@ def cmd_mv(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from api.process import tune_malloc_for_servers
-    from api.server import ShareServer, Tenant
+    from pyvirtiofs.api.remote.process import tune_malloc_for_servers
+    from pyvirtiofs.api.remote.server import ShareServer, Tenant
 
     tune_malloc_for_servers()
     fs = open_share(args.folder)
@@ -454,6 +455,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- the parser ------------------------------------------------------------------------------
+
+#: The benchmark and the soak are tools, not part of the product: their modules are loaded
+#: only when their command runs, which hands its arguments to the tool's own parser.
+TOOLS = {
+    "bench": ("pyvirtiofs.tools.bench", "benchmark against native os and the Hermit design"),
+    "soak": ("pyvirtiofs.tools.soak",
+             "run a mixed workload from many clients and check every result"),
+}
 
 _SHARE_HELP = ("a local folder (a private virtiofsd is started on it for the command) or the "
                "tcp://HOST:PORT or ipc://PATH endpoint of `pyvirtiofs serve`")
@@ -546,13 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of client silence before its handles are released")
     p.set_defaults(func=cmd_serve)
 
-    from api import agent, bench, fusemount, keys, soak
+    from pyvirtiofs.api import agent
+    from pyvirtiofs.api.integrations import fusemount
+    from pyvirtiofs.api.remote import keys
 
     agent.add_agent_parser(sub)
     agent.add_status_parser(sub)
     keys.add_keygen_parser(sub)
-    bench.add_parser(sub)
-    soak.add_parser(sub)
+    for name, (_module, help_text) in TOOLS.items():
+        # Listed here; run by main() before this parser exists (see TOOLS).
+        sub.add_parser(name, help=help_text, add_help=False)
 
     p = sub.add_parser("mount", help="mount a share with FUSE so every program can use it",
                        description=fusemount.cmd_mount.__doc__)
@@ -566,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return int(importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     # Without -v only errors are logged: a command that works prints nothing else (no

@@ -1,8 +1,9 @@
 """The ``os``-style API shared by every way of reaching a share.
 
 :class:`ShareFS` turns the ``os`` module's calls into actor messages
-(:mod:`codec.messages`); subclasses only say how a message travels: straight to the actors
-in-process (:class:`api.local.VirtioFS`) or over ZeroMQ (:class:`api.remote.RemoteFS`).
+(:mod:`pyvirtiofs.actors.messages`); subclasses only say how a message travels: straight
+to the actors in-process (:class:`~pyvirtiofs.api.local.VirtioFS`) or over ZeroMQ
+(:class:`~pyvirtiofs.api.remote.client.RemoteFS`).
 So the same operation behaves identically — results and errnos — on every path.
 """
 
@@ -16,8 +17,8 @@ import stat as stat_mod
 from collections.abc import Iterator
 from typing import Any
 
-from codec import messages as m
-from codec.fuse_types import Attr, DirentPlus
+from pyvirtiofs.actors import messages as m
+from pyvirtiofs.codec.fuse_types import Attr, DirentPlus
 
 __all__ = ["DirEntry", "PathLike", "RawFile", "ShareFS"]
 
@@ -29,7 +30,7 @@ _DT_REG = stat_mod.S_IFREG >> 12
 
 
 def _p(path: PathLike) -> bytes:
-    """Paths travel as bytes: names need not be UTF-8 (see codec.messages)."""
+    """Paths travel as bytes: names need not be UTF-8 (see pyvirtiofs.actors.messages)."""
     return os.fsencode(path)
 
 

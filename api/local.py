@@ -1,6 +1,6 @@
 """The in-process API: a virtio-fs share with the ``os`` module's names and conventions.
 
-    from api import connect
+    from pyvirtiofs.api import connect
     with connect("/srv/share") as fs:          # starts a private virtiofsd
         fs.mkdir("docs")
         with fs.open("docs/a.txt", "w") as f:
@@ -26,12 +26,13 @@ from typing import Any
 import msgspec
 import pykka
 
-from actors.device import DeviceActor
-from actors.published import PublishedAttrs
-from actors.session import SessionConfig, open_session
-from api.fs import DirEntry, PathLike, RawFile, ShareFS
-from codec import messages as m
-from hw.transport import VhostUserTransport, VirtioTransport, open_private_device
+from pyvirtiofs.actors import messages as m
+from pyvirtiofs.actors.device import DeviceActor
+from pyvirtiofs.actors.published import PublishedAttrs
+from pyvirtiofs.actors.session import SessionConfig, open_session
+from pyvirtiofs.api.fs import DirEntry, PathLike, RawFile, ShareFS
+from pyvirtiofs.hw.transport import VirtioTransport
+from pyvirtiofs.hw.vhost_user.transport import VhostUserTransport, open_private_device
 
 log = logging.getLogger(__name__)
 

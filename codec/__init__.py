@@ -9,7 +9,7 @@ Modules:
 No I/O, no threads, no imports from other project packages.
 """
 
-from codec.fuse_replies import FuseProtocolError
-from codec.fuse_requests import FuseRequest
+from pyvirtiofs.codec.fuse_replies import FuseProtocolError
+from pyvirtiofs.codec.fuse_requests import FuseRequest
 
 __all__ = ["FuseProtocolError", "FuseRequest"]

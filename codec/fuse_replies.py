@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from codec.fuse_abi import (
+from pyvirtiofs.codec.fuse_abi import (
     ATTR_OUT,
     ATTR_OUT_SIZE,
     CREATE_OUT_SIZE,
@@ -60,8 +60,8 @@ from codec.fuse_abi import (
     XATTR_NAME_MAX,
     Opcode,
 )
-from codec.fuse_requests import FuseRequest
-from codec.fuse_types import (
+from pyvirtiofs.codec.fuse_requests import FuseRequest
+from pyvirtiofs.codec.fuse_types import (
     Attr,
     AttrOut,
     CreateOut,

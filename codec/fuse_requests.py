@@ -32,7 +32,7 @@ from struct import error as struct_error
 
 import msgspec
 
-from codec.fuse_abi import (
+from pyvirtiofs.codec.fuse_abi import (
     ACCESS_IN,
     ATTR_OUT_SIZE,
     BATCH_FORGET_IN,

@@ -17,7 +17,7 @@ import stat
 
 import msgspec
 
-from codec.fuse_abi import FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION, S_IFMT
+from pyvirtiofs.codec.fuse_abi import FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION, S_IFMT
 
 _NS = 1_000_000_000
 

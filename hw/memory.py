@@ -140,6 +140,13 @@ class GuestMemory:
             raise ValueError(f"offset {offset:#x} outside guest memory of {self._size:#x} bytes")
         return self._gpa_base + offset
 
+    def dma_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``[offset, offset + length)`` as the device addresses it: one piece, since a
+        memfd region is contiguous in the guest-physical space we give it."""
+        if length < 0 or not 0 <= offset <= self._size - length:
+            raise ValueError(f"range [{offset:#x}, +{length:#x}) outside guest memory")
+        return [(self._gpa_base + offset, length)]
+
     def offset_of(self, gpa: int, length: int) -> int:
         """Offset of ``gpa``, checking that ``[gpa, gpa + length)`` lies inside the region.
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hw.launcher import find_virtiofsd
-from hw.transport import VhostUserTransport, open_private_device
+from pyvirtiofs.hw.vhost_user.launcher import find_virtiofsd
+from pyvirtiofs.hw.vhost_user.transport import VhostUserTransport, open_private_device
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FUSE_AVAILABLE = (importlib.util.find_spec("pyfuse3") is not None
-                  and importlib.util.find_spec("api.fusemount") is not None
+                  and importlib.util.find_spec("pyvirtiofs.api.integrations.fusemount") is not None
                   and os.path.exists("/dev/fuse"))
 
 
@@ -82,7 +82,7 @@ class OsFS:
 @contextlib.contextmanager
 def mounted_osfs(fs: Any, mountpoint: Path) -> Iterator[OsFS]:
     """Mount ``fs`` with the FUSE re-export for the duration of the block."""
-    from api import fusemount  # imported lazily: optional dependency
+    from pyvirtiofs.api.integrations import fusemount  # lazily: an optional dependency
 
     mountpoint.mkdir(exist_ok=True)
     handle = fusemount.mount(fs, str(mountpoint), foreground=False)

@@ -5,12 +5,6 @@ that answers FUSE requests from a tiny in-memory tree and lets a test inject fau
 any reply, the used ring, the call eventfds or the vhost-user socket.
 """
 
-from tests.hostile.backend import (
-    FuseIn,
-    HandshakeFault,
-    Plan,
-    TreeResponder,
-    VhostUserBackend,
-)
+from tests.hostile.backend import FuseIn, HandshakeFault, Plan, TreeResponder, VhostUserBackend
 
 __all__ = ["FuseIn", "HandshakeFault", "Plan", "TreeResponder", "VhostUserBackend"]

@@ -51,7 +51,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from codec.fuse_abi import (
+from pyvirtiofs.actors.doorbell import Doorbell
+from pyvirtiofs.codec.fuse_abi import (
     ATTR_OUT,
     BATCH_FORGET_IN,
     CREATE_IN,
@@ -79,7 +80,6 @@ from codec.fuse_abi import (
     WRITE_OUT,
     Opcode,
 )
-from hw.doorbell import Doorbell
 
 __all__ = [
     "Armed",

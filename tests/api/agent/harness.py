@@ -1,0 +1,390 @@
+"""Shared helpers for the agent tests (no tests here): start a real agent process on a
+generated config with real keys, talk to it as tenants, raw ZeroMQ peers, and polls with
+deadlines instead of sleeps.
+
+The agent always runs as a subprocess (``pyvirtiofs agent --config …``): its
+signals, exit code and file descriptors are the real ones, and its GIL is not the test's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.utils.monitor
+from hypothesis import strategies as st
+
+from pyvirtiofs.api.agent import query_control
+from pyvirtiofs.api.remote import wire
+from pyvirtiofs.api.remote.client import RemoteFS, connect_remote
+from pyvirtiofs.api.remote.keys import client_keys, generate, load_public, load_secret
+from tests import REPO
+
+__all__ = ["AgentProc", "RawClient", "fd_count", "op_strategy", "start_agent", "toml_value",
+           "wait_for"]
+
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+              interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts as gone: it holds no resources)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def kill_daemon(pid: int) -> None:
+    """SIGKILL a virtiofsd worker and wait until it and its parent are gone: with the
+    namespace sandbox the parent holds a copy of the vhost-user connection, so the agent
+    sees the connection drop only once the parent has exited too."""
+    parent = parent_pid(pid)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: process_gone(pid), 10, "the daemon's worker to die")
+    if parent != 1:
+        wait_for(lambda: process_gone(parent), 10, "the daemon's parent to exit")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def render_config(agent: dict[str, Any], tenants: dict[str, dict[str, Any]]) -> str:
+    lines = ["[agent]"] + [f"{k} = {toml_value(v)}" for k, v in agent.items()]
+    for tid, t in tenants.items():
+        lines += ["", f"[tenants.{tid}]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class AgentProc:
+    """A running agent and the keys of everyone who might talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    runtime_dir: Path
+    keys: Path
+    log_path: Path
+    agent_settings: dict[str, Any]
+    tenants: dict[str, dict[str, Any]]
+    endpoint: str = ""
+    _clients: list[RemoteFS] = field(default_factory=list)
+
+    # -- talking to it ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return query_control(str(self.runtime_dir), "status", timeout=10)
+
+    def tenant_status(self, tenant: str) -> dict[str, Any]:
+        return self.status()["tenants"][tenant]
+
+    def daemon_pid(self, tenant: str) -> int:
+        pid = self.tenant_status(tenant)["daemon_pid"]
+        assert pid, f"tenant {tenant} has no daemon of its own"
+        return int(pid)
+
+    def keypair(self, name: str) -> Any:
+        return client_keys(self.keys / f"{name}.key_secret", self.keys / "agent.key")
+
+    def client(self, tenant: str, *, timeout: float = 30.0) -> RemoteFS:
+        fs = connect_remote(self.endpoint, curve=self.keypair(tenant), timeout=timeout,
+                            heartbeat_interval=0.5)
+        self._clients.append(fs)
+        return fs
+
+    def raw(self, tenant: str | None) -> RawClient:
+        return RawClient(self.endpoint, self.keypair(tenant) if tenant else None)
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], what: str,
+                 timeout: float = 20.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for entry in self.logs():
+                if predicate(entry):
+                    return entry
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}) while waiting "
+                                     f"for {what}:\n{self.log_path.read_text()[-3000:]}")
+            return None
+        return wait_for(find, timeout, what)  # type: ignore[no-any-return]
+
+    def rewrite_config(self, tenants: dict[str, dict[str, Any]], *,
+                       text: str | None = None) -> None:
+        self.tenants = tenants
+        self.config_path.write_text(text if text is not None
+                                    else render_config(self.agent_settings, tenants))
+
+    def reload(self) -> None:
+        """SIGHUP, then wait for the agent to say how it went."""
+        before = len(self.logs())
+        self.proc.send_signal(signal.SIGHUP)
+
+        def done() -> bool:
+            return any(e.get("event") in ("reloaded", "reload_failed")
+                       for e in self.logs()[before:])
+        wait_for(done, 30, "the reload to finish")
+
+    # -- stopping it -----------------------------------------------------------------------
+
+    def close_clients(self) -> None:
+        for fs in self._clients:
+            with contextlib.suppress(Exception):
+                fs.close()
+        self._clients.clear()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.close_clients()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("the agent did not stop within "
+                                 f"{timeout:g} s of SIGTERM") from None
+
+
+def start_agent(base: Path, tenants: dict[str, dict[str, Any]], *,
+                extra_keys: tuple[str, ...] = ("eve",), settings: dict[str, Any] | None = None,
+                timeout: float = 60.0) -> AgentProc:
+    """Write keys and a config under ``base`` and start an agent on a free port.
+
+    ``tenants`` maps ids to their TOML settings without ``public_key`` (added: each
+    tenant gets a key pair named after it); ``extra_keys`` are key pairs nobody knows."""
+    keys = base / "keys"
+    for name in ("agent", *tenants, *extra_keys):
+        if not (keys / f"{name}.key").exists():
+            generate(keys, name)
+    with_keys = {tid: {"public_key": str(keys / f"{tid}.key"), **t} for tid, t in tenants.items()}
+    runtime = base / "run"
+    agent = {"bind": "tcp://127.0.0.1:*", "key_file": str(keys / "agent.key_secret"),
+             "runtime_dir": str(runtime), "heartbeat_timeout": 1.5, "drain_timeout": 20,
+             **(settings or {})}
+    config = base / "agent.toml"
+    config.write_text(render_config(agent, with_keys))
+    log_path = base / "agent.log"
+    log_file = open(log_path, "wb")  # the child keeps writing to it
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirtiofs", "agent", "--config", str(config)],
+                            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    log_file.close()
+    ap = AgentProc(proc, config, runtime, keys, log_path, agent, with_keys)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited with {proc.returncode}:\n"
+                                 f"{log_path.read_text()[-4000:]}")
+        try:
+            ap.endpoint = query_control(str(runtime), "status", timeout=2)["endpoints"][0]
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for(up, timeout, "the agent to start")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    return ap
+
+
+# -- a raw peer: any frames, pipelined, with CURVE or without ------------------------------
+
+
+class RawClient:
+    """A DEALER socket that sends exactly what it is told (for hostile and pipelined
+    requests) and watches its own handshake through a socket monitor."""
+
+    def __init__(self, endpoint: str, curve: Any = None) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, os.urandom(16))
+        if curve is not None:
+            self.sock.curve_publickey = curve.public
+            self.sock.curve_secretkey = curve.secret
+            self.sock.curve_serverkey = curve.server_public
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.sock.connect(endpoint)
+        self.ids = itertools.count(1)
+
+    def handshake(self, timeout: float = 10.0) -> int:
+        """The first handshake event (zmq.EVENT_HANDSHAKE_*)."""
+        if not self.monitor.poll(int(timeout * 1000)):
+            raise AssertionError("no handshake event")
+        event = zmq.utils.monitor.recv_monitor_message(self.monitor)
+        return int(event["event"])
+
+    def send(self, op: Any, handle: int = 0, data: bytes | None = None) -> int:
+        rid = next(self.ids)
+        frames = [wire.encode_request(rid, op, handle)]
+        if data is not None:
+            frames.append(data)
+        self.sock.send_multipart(frames)
+        return rid
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def refused(self, op: Any) -> bool:
+        """True when ``op`` gets no answer: it cannot even be queued (no connection
+        completed its handshake), or nothing replies within a moment."""
+        try:
+            self.sock.send(wire.encode_request(next(self.ids), op), zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        return not self.sock.poll(300)
+
+    def recv(self, timeout: float = 30.0) -> tuple[wire.ReplyHeader, list[zmq.Frame]]:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError(f"no reply within {timeout:g} s")
+        frames = self.sock.recv_multipart(copy=False)
+        return wire.decode_reply(frames[0].buffer), frames[1:]
+
+    def call(self, op: Any, handle: int = 0, data: bytes | None = None,
+             timeout: float = 30.0) -> wire.ReplyHeader:
+        rid = self.send(op, handle, data)
+        while True:
+            header, _ = self.recv(timeout)
+            if header.id == rid:
+                return header
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def key_files_ok(keys: Path, name: str) -> bool:
+    public, secret = load_secret(keys / f"{name}.key_secret")
+    return load_public(keys / f"{name}.key") == public and len(secret) == 40
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` has taken its SIGSTOP (kill() only queues the signal: a
+    thread running on another CPU may still finish what it was doing)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+        except FileNotFoundError:
+            continue
+    return True
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP a process for the duration (its requests stay in flight), then SIGCONT."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _all_threads_stopped(pid), 10, f"process {pid} to stop")
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# -- hostile message strategies (hypothesis) -------------------------------------------------
+
+PATHS = st.one_of(
+    st.sampled_from([b"", b"/", b".", b"..", b"../..", b"/etc/passwd", b"a/../../..",
+                     b"\0", b"mallory.txt", b"mallory.txt/", b"x" * 256, b"./" * 2100,
+                     b"dir/sub", b"//", b"\xff\xfe", b"mallory.txt\0../x"]),
+    st.binary(max_size=40),
+    st.lists(st.sampled_from([b"..", b".", b"d", b"mallory.txt", b"", b"\0"]),
+             max_size=6).map(b"/".join),
+)
+INTS = st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.integers(-2, 70000),
+                 st.sampled_from([0o100644, 0o20666, 0o60666, 0o4777, os.O_CREAT | os.O_RDWR,
+                                  os.O_PATH, 1 << 62]))
+
+
+def field_value(name: str, typ: Any) -> st.SearchStrategy[Any]:
+    """Hostile values for one message field: paths that climb, NULs, overlong names,
+    integers of any sign and size, credentials a tenant may not choose."""
+    text = str(typ)
+    if name == "ctx":
+        return st.one_of(st.none(), st.tuples(INTS, INTS, INTS))
+    if name == "data":
+        return st.none()
+    if typ is bytes:
+        return PATHS
+    if typ is bool:
+        return st.booleans()
+    if typ is int:
+        return INTS
+    if "tuple[int, int]" in text:
+        return st.one_of(st.none(), st.just("now"), st.text(max_size=5),
+                         st.tuples(INTS, INTS))
+    if "int" in text:
+        return st.one_of(st.none(), INTS)
+    return st.none()
+
+
+def op_strategy(cls: type) -> st.SearchStrategy[Any]:
+    """Any instance of the message class ``cls`` with hostile field values."""
+    fields = msgspec.structs.fields(cls)
+    return st.builds(cls, **{f.name: field_value(f.name, f.type) for f in fields})
