@@ -36,6 +36,7 @@ import os
 import select
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,6 +55,7 @@ __all__ = [
     "DeviceProtocolError",
     "FuseChannel",
     "RequestContext",
+    "wait_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -260,7 +262,7 @@ class FuseChannel:
         """
         self.queues.harvest(self._on_used, self._break_queue)
         done, self._done = self._done, []
-        self._pay_debts()
+        self.pay_debts()
         return done
 
     def _on_used(self, posted: Posted, used_len: int) -> None:
@@ -282,7 +284,7 @@ class FuseChannel:
             result = self._parse(record, used_len, deliver)
         except FuseProtocolError as exc:
             self.protocol_errors += 1
-            self._owe_forgets(exc.forget)
+            self.owe_forgets(exc.forget)
             if not deliver:
                 return None
             return Completion(record.token, None, DeviceProtocolError.wrap(exc))
@@ -314,10 +316,10 @@ class FuseChannel:
                 # A decoder bug must not lose the other completions of this harvest (their
                 # descriptors are already reclaimed): report it as a protocol error.
                 self.decode_failures += 1
-                log.error("decoding a %s reply failed: %r", _op_name(record.request.opcode),
+                log.error("decoding a %s reply failed: %r", op_name(record.request.opcode),
                           exc)
                 raise DeviceProtocolError(
-                    f"undecodable {_op_name(record.request.opcode)} reply: {exc!r}") from exc
+                    f"undecodable {op_name(record.request.opcode)} reply: {exc!r}") from exc
         finally:
             reply.release()
 
@@ -351,7 +353,7 @@ class FuseChannel:
 
     # -- paying back what the daemon holds for replies nobody takes ----------------------
 
-    def _owe_forgets(self, items: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
+    def owe_forgets(self, items: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
         for nodeid, nlookup in items:
             # The root is never forgotten (as the session does); ids are u64 already.
             if nodeid != FUSE_ROOT_ID and 0 < nodeid <= _U64_MAX and 0 < nlookup <= _U64_MAX:
@@ -362,9 +364,9 @@ class FuseChannel:
         req = record.request
         if isinstance(result, EntryOut):
             if result.nodeid:
-                self._owe_forgets([(result.nodeid, 1)])
+                self.owe_forgets([(result.nodeid, 1)])
         elif isinstance(result, CreateOut):
-            self._owe_forgets([(result.entry.nodeid, 1)])
+            self.owe_forgets([(result.entry.nodeid, 1)])
             flags = int.from_bytes(req.args[0:4], "little")
             self._owed_releases.append(rq.release(result.entry.nodeid, result.open.fh, flags))
         elif req.opcode == Opcode.OPEN:
@@ -374,10 +376,16 @@ class FuseChannel:
             self._owed_releases.append(rq.releasedir(req.nodeid, result.fh))
         elif req.opcode == Opcode.READDIRPLUS:
             entries: list[DirentPlus] = result
-            self._owe_forgets([(e.entry.nodeid, 1) for e in entries
+            self.owe_forgets([(e.entry.nodeid, 1) for e in entries
                                if e.entry.nodeid and e.dirent.name not in (b".", b"..")])
 
-    def _pay_debts(self) -> None:
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        """Give lookups back now: FORGET, or BATCH_FORGET in chunks, on the hiprio queue
+        (what does not fit goes with the next harvest)."""
+        self.owe_forgets(items)
+        self.pay_debts()
+
+    def pay_debts(self) -> None:
         """Send owed FORGETs (hiprio) and RELEASEs; what does not fit waits for the next
         harvest."""
         sent = False
@@ -419,18 +427,49 @@ def _queue_of(request: FuseRequest) -> int:
     return REQUEST_QUEUE if request.expects_reply else HIPRIO_QUEUE
 
 
-def _op_name(opcode: int) -> str:
+def op_name(opcode: int) -> str:
     try:
         return Opcode(opcode).name
     except ValueError:
         return f"opcode {opcode}"
 
 
+def wait_for(channel: FuseChannel, token: Any, deadline: float | None,
+             other: Callable[[Completion], None] | None = None) -> Completion | None:
+    """Harvest on this thread until the request submitted with ``token`` completes: its
+    completion, or None at ``deadline`` (``time.monotonic()``). Other completions go to
+    ``other``. A dead device fails everything in flight and raises ``DeviceGone``."""
+    transport = channel.transport
+    death = transport.death_fd()
+    irqs = list(transport.interrupt_fds())
+    fds = [*irqs, *([death] if death is not None else [])]
+    poll = getattr(transport, "poll_interval", 0.0) or 0.001
+    while True:
+        for c in channel.harvest():
+            if c.token is token:
+                return c
+            if other is not None:
+                other(c)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return None
+        wait = remaining if irqs else (poll if remaining is None else min(poll, remaining))
+        ready, _, _ = select.select(fds, [], [], wait)
+        if death is not None and death in ready and not transport.alive():
+            channel.fail_all(DeviceGone())
+            raise DeviceGone()
+        for fd in ready:
+            if fd != death:
+                transport.ack_interrupt(fd)
+
+
 class BlockingDevice:
     """Drive a :class:`FuseChannel` synchronously from one thread: one call at a time.
 
-    The small end-to-end paths (and tests of the lower layers) use it; everything else
-    goes through the device actor, which keeps many requests in flight.
+    The floor the benchmark measures (the ring with no actor and no thread hand-off),
+    and tests of the lower layers, use it; everything else goes through the device actor
+    (:class:`~pyvirtiofs.actors.device_client.DeviceClient`), which keeps many requests in
+    flight.
 
     ``timeout`` (seconds, None = forever) bounds each :meth:`call` as a whole — an eventfd
     storm without completions cannot stretch it. A call that times out raises
@@ -441,7 +480,6 @@ class BlockingDevice:
         self.transport = transport
         self.channel = FuseChannel(transport)
         self.timeout = timeout
-        self._fds = [transport.call_fd(i) for i in range(len(transport.queues))]
 
     def call(self, request: FuseRequest, *, sink: memoryview | None = None,
              timeout: float | None = None) -> Any:
@@ -458,25 +496,14 @@ class BlockingDevice:
             return None
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
-        death = self.transport.death_fd()
-        while True:
-            for c in self.channel.harvest():
-                if c.token is not request:
-                    continue  # a FORGET coming back (len 0), or a timed-out call's reply
-                if c.error is not None:
-                    raise c.error
-                return c.result
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                self.channel.abandon(request)
-                raise OSError(errno.ETIMEDOUT, f"no reply to {_op_name(request.opcode)}")
-            ready, _, _ = select.select([*self._fds, death], [], [], remaining)
-            if death in ready and not self.transport.alive():
-                self.channel.fail_all(DeviceGone())
-                raise DeviceGone()
-            for i, fd in enumerate(self._fds):
-                if fd in ready:
-                    self.transport.ack_call(i)
+        # Other completions: a FORGET coming back (len 0), or a timed-out call's reply.
+        c = wait_for(self.channel, request, deadline)
+        if c is None:
+            self.channel.abandon(request)
+            raise OSError(errno.ETIMEDOUT, f"no reply to {op_name(request.opcode)}")
+        if c.error is not None:
+            raise c.error
+        return c.result
 
     def close(self) -> None:
         self.transport.close()

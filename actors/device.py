@@ -1,24 +1,24 @@
-"""The device actor: sole owner of the transport, guest memory and virtqueues.
+"""The device actor: sole owner of the transport, its queues and every request in flight.
 
-A pykka actor cannot block on its inbox and on eventfds at once, so this actor brings its
-own inbox (:class:`_DeviceInbox`): ``get()`` — which pykka calls on the actor's own thread —
-waits with ``poll`` on a wake-up eventfd *and* the device's call eventfds *and* the
-transport's death fd. Interrupts and daemon death turn into ordinary messages
-(``_Interrupt``, ``_DeviceDied``) handled by the same thread. So the rings are touched by
-exactly one thread, and there is no separate IRQ thread to coordinate with: the "IRQ loop"
-*is* the actor loop.
+A pykka actor cannot block on its inbox and on file descriptors at once, so this actor
+brings its own inbox (:class:`_DeviceInbox`): ``get()`` — which pykka calls on the actor's
+own thread — waits with ``poll`` on a doorbell *and* the transport's interrupt fds *and*
+its death fd, with a timeout that is the nearest request deadline (or the transport's
+poll interval while requests are in flight on a transport without interrupts).
+Interrupts, deaths and deadlines become messages handled by the same thread, so the rings
+are touched by exactly one thread: the "IRQ loop" *is* the actor loop.
 
-Callers send :class:`pyvirtiofs.actors.messages.FuseCall` with a future and wait on the future (or
-gather many): requests are pipelined up to the ring size; when the ring or guest memory
-is full, requests wait in a backlog and go out as completions free space.
-
-Every future handed to this actor is completed, whatever happens: a request that cannot be
-encoded fails alone (the actor keeps serving everyone else); when the daemon dies, every
-pending and later request fails with ENOTCONN; and a ``FuseCall`` that reaches the inbox
-after the actor stopped is failed by the inbox itself (pykka would drop a told message
-silently, and its caller would wait for its timeout). Actors that answer from a cache (the
-session) subscribe with :class:`pyvirtiofs.actors.messages.WatchDevice` and are told
-:class:`pyvirtiofs.actors.messages.DeviceLost`, so that they stop answering too.
+Requests come as :class:`~pyvirtiofs.actors.messages.FuseCall` (see
+:class:`~pyvirtiofs.actors.device_client.DeviceClient`, the one way to send them); each
+carries the caller's :class:`~pyvirtiofs.actors.runtime.Future`, which this thread
+completes as it harvests the reply — callbacks on it run here, with no further hop.
+Requests that arrive together are placed together and published with one kick (the inbox
+flushes before it sleeps). When the ring or guest memory is full, requests wait in order
+in a backlog. Every future handed to this actor is completed, whatever happens: a request
+that cannot be encoded fails alone; one past its deadline fails with ETIMEDOUT (and is
+abandoned: its late reply is reclaimed and whatever it holds paid back); when the daemon
+dies, everything pending and later fails with ENOTCONN; a call that reaches the inbox
+after the actor stopped is failed by the inbox itself.
 """
 
 from __future__ import annotations
@@ -26,58 +26,83 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import heapq
 import logging
-import os
 import select
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import pykka
-from pykka._envelope import Envelope  # pykka's inbox protocol carries Envelopes
 
-from pyvirtiofs.actors.channel import Completion, FuseChannel, RequestContext
+from pyvirtiofs.actors.channel import (
+    Completion,
+    FuseChannel,
+    RequestContext,
+    op_name,
+    wait_for,
+)
 from pyvirtiofs.actors.doorbell import Doorbell
-from pyvirtiofs.actors.messages import Abandon, DeviceLost, DeviceStats, FuseCall, WatchDevice
+from pyvirtiofs.actors.messages import (
+    Abandon,
+    DeviceLost,
+    DeviceStats,
+    Forget,
+    FuseCall,
+    WatchDevice,
+)
+from pyvirtiofs.actors.runtime import Future, mark_nonblocking
 from pyvirtiofs.codec import fuse_requests
-from pyvirtiofs.codec.fuse_abi import Opcode
 from pyvirtiofs.hw.transport import DeviceGone, VirtioTransport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceActor", "call", "call_many", "timed_out", "wait"]
+__all__ = ["DeviceActor"]
 
 
-class _Interrupt:
-    """Synthetic message: a call eventfd fired or the used ring has entries."""
+class _Event(NamedTuple):
+    """What the inbox hands pykka's loop besides messages (the envelope protocol:
+    ``message`` and ``reply_to``)."""
+
+    message: Any
+    reply_to: Any = None
 
 
-class _DeviceDied:
-    """Synthetic message: the transport's death fd reported EOF."""
+class _Harvest:
+    """The used rings have entries."""
 
 
-_INTERRUPT = Envelope(_Interrupt())
-_DIED = Envelope(_DeviceDied())
+class _Died:
+    """The transport's death fd fired."""
+
+
+class _Expire:
+    """A request deadline passed."""
+
+
+_HARVEST = _Event(_Harvest())
+_DIED = _Event(_Died())
+_EXPIRE = _Event(_Expire())
 
 
 class _DeviceInbox:
-    """pykka inbox that multiplexes messages with device interrupts (see module doc)."""
+    """pykka inbox that multiplexes messages with interrupts, death and deadlines."""
 
     def __init__(self) -> None:
-        self._queue: collections.deque[Envelope[Any]] = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()
         self._wake = Doorbell()
         self._sleeping = False
         self._closed = False
         self._poll = select.poll()
         self._poll.register(self._wake.fileno(), select.POLLIN)
-        self._call_fds: dict[int, int] = {}  # fd -> queue index
+        self._irq_fds: set[int] = set()
         self._death_fd: int | None = None
-        self.idle_hook: Any = None  # called before blocking (flushes batched kicks)
-        self.ring_has_used: Any = None  # () -> bool, checked before blocking
+        self.actor: DeviceActor | None = None  # set in on_start, cleared at close
         self.busy_poll = False
 
-    # Producer side (any thread). The GIL orders these bytecodes, so the classic
-    # lost-wake-up race is closed by: consumer sets _sleeping, re-checks the queue, polls;
-    # producer appends, then checks _sleeping.
-    def put(self, envelope: Envelope[Any], /) -> None:
+    # Producer side (any thread). The GIL orders these bytecodes, so the lost-wake-up race
+    # is closed by: consumer sets _sleeping, re-checks the queue, polls; producer appends,
+    # then checks _sleeping.
+    def put(self, envelope: Any, /) -> None:
         self._queue.append(envelope)
         if self._closed:
             # The actor stopped between the sender's liveness check and this append: no
@@ -93,51 +118,66 @@ class _DeviceInbox:
         return not self._queue
 
     # Consumer side: only the device actor's thread.
-    def watch(self, call_fds: list[int], death_fd: int) -> None:
-        for index, fd in enumerate(call_fds):
-            self._call_fds[fd] = index
+    def watch(self, irq_fds: list[int], death_fd: int | None) -> None:
+        for fd in irq_fds:
+            self._irq_fds.add(fd)
             self._poll.register(fd, select.POLLIN)
         self._death_fd = death_fd
-        self._poll.register(death_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if death_fd is not None:
+            self._poll.register(death_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def unwatch(self) -> None:
-        for fd in [*self._call_fds, self._death_fd]:
+        for fd in [*self._irq_fds, self._death_fd]:
             if fd is not None:
                 with contextlib.suppress(KeyError, ValueError):
                     self._poll.unregister(fd)
-        self._call_fds.clear()
+        self._irq_fds.clear()
         self._death_fd = None
 
-    def get(self) -> Envelope[Any]:
+    def get(self) -> Any:
         while True:
             if self._queue:
                 return self._queue.popleft()
-            if self.ring_has_used is not None and self.ring_has_used():
-                return _INTERRUPT
-            if self.idle_hook is not None:
-                self.idle_hook()
+            actor = self.actor
+            if actor is None:  # not started, or stopping: only messages matter
+                self._sleeping = True
+                if not self._queue:
+                    self._wait(None)
+                self._sleeping = False
+                continue
+            if actor.has_used():
+                return _HARVEST
+            timeout = actor.next_timeout()
+            if timeout == 0.0:
+                return _EXPIRE
+            actor.flush()
             self._sleeping = True
             if self._queue:
                 self._sleeping = False
                 continue
-            events = self._poll.poll(0 if self.busy_poll else None)
+            event = self._wait(0.0 if self.busy_poll else timeout)
             self._sleeping = False
-            interrupted = False
-            for fd, _ in events:
-                if fd == self._wake.fileno():
-                    self._wake.drain()
-                elif fd == self._death_fd:
-                    return _DIED
-                else:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(fd)
-                    interrupted = True
-            if interrupted:
-                return _INTERRUPT
+            if event is not None:
+                return event
+
+    def _wait(self, timeout: float | None) -> Any:
+        """Sleep in poll; the event that woke us (None: a message or nothing yet)."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        irq = None
+        for fd, _ in self._poll.poll(ms):
+            if fd == self._wake.fileno():
+                self._wake.drain()
+            elif fd == self._death_fd:
+                return _DIED
+            elif self.actor is not None:
+                self.actor.transport.ack_interrupt(fd)
+                irq = _HARVEST
+        return irq
 
     def close(self) -> None:
         """No more messages: reject what is queued and whatever comes later."""
         self._closed = True
+        self.actor = None
         self.reject_queued()
         self._wake.close()
 
@@ -150,20 +190,22 @@ class _DeviceInbox:
             except IndexError:
                 return
             if isinstance(envelope.message, FuseCall):
-                _fail(envelope.message.reply, gone)
+                envelope.message.reply.fail(gone)
             elif envelope.reply_to is not None:
-                _fail(envelope.reply_to, pykka.ActorDeadError("device actor is stopped"))
+                with contextlib.suppress(Exception):
+                    error = pykka.ActorDeadError("device actor is stopped")
+                    envelope.reply_to.set_exception((type(error), error, None))
 
 
 class DeviceActor(pykka.ThreadingActor):
-    """Owns a transport. Messages: :class:`FuseCall`, :class:`Abandon`,
+    """Owns a transport. Messages: :class:`FuseCall`, :class:`Forget`, :class:`Abandon`,
     :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`pyvirtiofs.actors.messages`).
 
-    ``busy_poll``: spin on the used ring instead of sleeping on eventfds (lower latency,
-    burns a core). ``max_in_flight``: how many requests may be on the rings at once
-    (default: as many as fit); the rest wait in order, e.g. 1 reproduces the Hermit
-    driver's one-request-at-a-time device lock. On stop it sends DESTROY (best effort)
-    and closes the transport, which stops the rings and the daemon it launched.
+    ``busy_poll``: spin on the used ring instead of sleeping (lower latency, burns a core).
+    ``max_in_flight``: how many requests may be on the rings at once (default: as many as
+    fit); the rest wait in order, e.g. 1 reproduces the Hermit driver's one-request-at-a-
+    time device lock. On stop it sends DESTROY (best effort) and closes the transport,
+    which stops the rings and the daemon it launched.
     """
 
     use_daemon_thread = True  # never keep a process alive just for the device
@@ -179,9 +221,14 @@ class DeviceActor(pykka.ThreadingActor):
         self.channel = FuseChannel(transport, ctx=ctx)
         self.backlog: collections.deque[tuple[FuseCall, RequestContext | None]] = (
             collections.deque())
+        self.deadlines: list[tuple[float, int, FuseCall]] = []  # a heap
+        self._seq = 0
+        self.timeouts = 0
         self.dead: DeviceGone | None = None
         self.watchers: list[pykka.ActorRef[Any]] = []
         self.destroy_timeout = destroy_timeout
+        self.poll_interval = getattr(transport, "poll_interval", 0.0)
+        self.interrupts = list(transport.interrupt_fds())
         inbox = self.actor_inbox
         assert isinstance(inbox, _DeviceInbox)
         inbox.busy_poll = busy_poll
@@ -190,15 +237,33 @@ class DeviceActor(pykka.ThreadingActor):
     def _create_actor_inbox() -> _DeviceInbox:  # type: ignore[override]
         return _DeviceInbox()
 
+    # -- the inbox's questions (this thread) ------------------------------------------------
+
+    def has_used(self) -> bool:
+        return self.dead is None and self.channel.queues.has_used()
+
+    def flush(self) -> None:
+        if self.dead is None:
+            self.channel.flush()
+
+    def next_timeout(self) -> float | None:
+        """Seconds until something must be looked at without a wake-up: the nearest
+        deadline, or the poll interval on a transport without interrupts."""
+        timeout: float | None = None
+        if self.deadlines:
+            timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
+        if not self.interrupts and self.channel.in_flight and self.dead is None:
+            poll = self.poll_interval or 0.001
+            timeout = poll if timeout is None else min(timeout, poll)
+        return timeout
+
     # -- life cycle ----------------------------------------------------------------------
 
     def on_start(self) -> None:
+        mark_nonblocking()  # callbacks run here: a wait would be for ourselves
         inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
-        queues = self.transport.queues
-        inbox.watch([self.transport.call_fd(i) for i in range(len(queues))],
-                    self.transport.death_fd())
-        inbox.idle_hook = self.channel.flush
-        inbox.ring_has_used = lambda: any(vq.has_used() for vq in self.transport.queues)
+        inbox.watch(self.interrupts, self.transport.death_fd())
+        inbox.actor = self
 
     def on_stop(self) -> None:
         self._shutdown()
@@ -214,7 +279,6 @@ class DeviceActor(pykka.ThreadingActor):
         self._fail_everything(gone)
         self._tell_watchers(self.dead or gone)
         inbox.unwatch()
-        inbox.idle_hook = inbox.ring_has_used = None
         try:
             self.transport.close()
         except OSError as exc:
@@ -227,31 +291,29 @@ class DeviceActor(pykka.ThreadingActor):
         if not self.channel.submit(request, token=request):
             return
         self.channel.flush()
-        fds = [self.transport.call_fd(i) for i in range(len(self.transport.queues))]
-        deadline_polls = max(1, int(self.destroy_timeout / 0.05))
-        for _ in range(deadline_polls):
-            for c in self.channel.harvest():
-                self._deliver(c)
-                if c.token is request:
-                    return
-            ready, _, _ = select.select([*fds, self.transport.death_fd()], [], [], 0.05)
-            if self.transport.death_fd() in ready and not self.transport.alive():
-                return
+        with contextlib.suppress(DeviceGone):
+            wait_for(self.channel, request, time.monotonic() + self.destroy_timeout,
+                     self._deliver)
 
     # -- messages ------------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, FuseCall):
             self._submit(message)
-        elif isinstance(message, _Interrupt):
+        elif isinstance(message, _Harvest):
             self._harvest()
-        elif isinstance(message, _DeviceDied):
+        elif isinstance(message, _Expire):
+            self._expire()
+        elif isinstance(message, _Died):
             if not self.transport.alive():
                 self._died()
+        elif isinstance(message, Forget):
+            if self.dead is None:
+                self.channel.forget(message.items)
         elif isinstance(message, DeviceStats):
             return self.stats()
         elif isinstance(message, Abandon):
-            self._abandon(message.reply)
+            self._abandon(message.reply, OSError(errno.ECANCELED, "request abandoned"))
         elif isinstance(message, WatchDevice):
             self.watchers.append(message.watcher)
             if self.dead is not None:
@@ -267,20 +329,24 @@ class DeviceActor(pykka.ThreadingActor):
             "in_flight": ch.in_flight,
             "backlog": len(self.backlog),
             "protocol_errors": ch.protocol_errors,
+            "timeouts": self.timeouts,
             "bytes_free": ch.allocator.bytes_free,
             "dead": self.dead is not None,
         }
 
     def _submit(self, call: FuseCall) -> None:
         if self.dead is not None:
-            _fail(call.reply, self.dead)
+            call.reply.fail(self.dead)
             return
         try:
             self.channel.check(call.request)
             ctx = _context(call.ctx)
         except OSError as exc:
-            _fail(call.reply, exc)
+            call.reply.fail(exc)
             return
+        if call.deadline is not None:
+            self._seq += 1
+            heapq.heappush(self.deadlines, (call.deadline, self._seq, call))
         if self.backlog or self._at_depth() or not self._try_submit(call, ctx):
             self.backlog.append((call, ctx))  # back-pressure: sent as completions free room
 
@@ -293,13 +359,36 @@ class DeviceActor(pykka.ThreadingActor):
             return self.channel.submit(call.request, call.reply, sink=call.sink, ctx=ctx)
         except Exception as exc:  # one bad request must not take the device down
             log.warning("cannot submit %r: %s", call.request, exc)
-            _fail(call.reply, OSError(errno.EINVAL, f"cannot submit the request: {exc}"))
+            call.reply.fail(OSError(errno.EINVAL, f"cannot submit the request: {exc}"))
             return True
 
-    def _abandon(self, reply: Any) -> None:
+    def _abandon(self, reply: Future[Any], error: OSError) -> None:
+        """Give up on the call whose future is ``reply``: out of the backlog, or left to
+        the device with its late reply reclaimed (and paid back) when it comes."""
         for entry in [e for e in self.backlog if e[0].reply is reply]:
             self.backlog.remove(entry)
         self.channel.abandon(reply)
+        reply.fail(error)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        heap = self.deadlines
+        while heap and heap[0][0] <= now:
+            _, _, call = heapq.heappop(heap)
+            if call.reply.done():
+                continue
+            self.timeouts += 1
+            timeout = call.timeout or 0.0
+            self._abandon(call.reply, OSError(
+                errno.ETIMEDOUT,
+                f"no reply to {op_name(call.request.opcode)} in {timeout:g} s; device: "
+                f"{self.channel.in_flight} in flight, {len(self.backlog)} waiting"))
+        if self.transport.death_fd() is None and self.timeouts and not self.transport.alive():
+            self._died()  # a transport that cannot report its death: ask after a timeout
+        # Completed calls leave their entries behind: drop them when they dominate.
+        if len(heap) > 64 and len(heap) > 4 * (self.channel.in_flight + len(self.backlog)):
+            self.deadlines = [e for e in heap if not e[2].reply.done()]
+            heapq.heapify(self.deadlines)
 
     def _harvest(self) -> None:
         for completion in self.channel.harvest():
@@ -321,19 +410,19 @@ class DeviceActor(pykka.ThreadingActor):
             try:
                 self.channel.check(call.request)
             except OSError as exc:
-                _fail(call.reply, exc)
+                call.reply.fail(exc)
             else:
-                _fail(call.reply, OSError(errno.ENOMEM, "no room for the request in an idle "
-                                                        "device"))
+                call.reply.fail(OSError(errno.ENOMEM, "no room for the request in an idle "
+                                                      "device"))
 
     @staticmethod
     def _deliver(c: Completion) -> None:
         future = c.token
-        if not isinstance(future, pykka.Future):
+        if not isinstance(future, Future):
             return  # FORGET/DESTROY sent by the actor itself
         if c.error is not None:
-            _fail(future, c.error)
-        else:
+            future.fail(c.error)
+        elif not future.done():
             future.set(c.result)
 
     def _died(self) -> None:
@@ -352,7 +441,6 @@ class DeviceActor(pykka.ThreadingActor):
         # Stop watching: the dead socket would stay readable forever (a busy loop).
         inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
         inbox.unwatch()
-        inbox.ring_has_used = None
         self._fail_everything(self.dead)
         self._tell_watchers(self.dead)
 
@@ -360,7 +448,8 @@ class DeviceActor(pykka.ThreadingActor):
         for c in self.channel.fail_all(exc):
             self._deliver(c)
         while self.backlog:
-            _fail(self.backlog.popleft()[0].reply, exc)
+            self.backlog.popleft()[0].reply.fail(exc)
+        self.deadlines.clear()
 
     def _tell_watchers(self, exc: OSError, watchers: list[pykka.ActorRef[Any]] | None = None,
                        ) -> None:
@@ -382,72 +471,4 @@ def _context(ctx: Any) -> RequestContext | None:
     if not all(0 <= v <= 0xFFFF_FFFF for v in (uid, gid, pid)):
         raise OSError(errno.EINVAL, f"credentials out of range: {ctx!r}")
     return RequestContext(uid, gid, pid)
-
-
-def _fail(future: Any, exc: BaseException) -> None:
-    with contextlib.suppress(Exception):  # a future already completed stays as it is
-        future.set_exception((type(exc), exc, exc.__traceback__))
-
-
-def call(device: pykka.ActorRef[DeviceActor], request: Any, *, sink: Any = None,
-         ctx: tuple[int, int, int] | None = None) -> pykka.Future[Any]:
-    """Send one FUSE request to the device actor; returns a future for its decoded reply.
-
-    A stopped device fails the future with ENOTCONN instead of raising ActorDeadError.
-    """
-    future: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
-    try:
-        device.tell(FuseCall(request=request, reply=future, sink=sink, ctx=ctx))
-    except pykka.ActorDeadError:
-        _fail(future, DeviceGone("virtio-fs device actor is stopped"))
-    return future
-
-
-def wait(device: pykka.ActorRef[DeviceActor], future: pykka.Future[Any], request: Any,
-         timeout: float) -> Any:
-    """The reply ``future`` brings, or ETIMEDOUT after ``timeout`` seconds — and then the
-    request is abandoned first, so a late reply is never delivered (nor copied into the
-    caller's buffer after the caller moved on)."""
-    try:
-        return future.get(timeout=timeout)
-    except pykka.Timeout:
-        pass
-    with contextlib.suppress(Exception):  # a stuck or stopped device: nothing to undo
-        device.ask(Abandon(reply=future), timeout=1.0)
-    try:
-        # Once the device actor has handled Abandon, the reply either came just before
-        # (then it is here, and dropping it would leak what it carries: a lookup count,
-        # an open handle) or it will never be delivered.
-        return future.get(timeout=0)
-    except pykka.Timeout:
-        raise timed_out(device, request, timeout) from None
-
-
-def timed_out(device: pykka.ActorRef[DeviceActor], request: Any, timeout: float) -> OSError:
-    """The ETIMEDOUT for a request that got no reply in ``timeout`` seconds, saying what
-    the device actor had in hand then (in flight, waiting) — a healthy daemon answers in
-    milliseconds, so this is a bug to diagnose, not a condition to handle."""
-    what = Opcode(request.opcode).name if request is not None else "a request"
-    try:
-        stats = device.ask(DeviceStats(), timeout=1.0)
-        state = f"; device: {stats['in_flight']} in flight, {stats['backlog']} waiting"
-    except Exception:  # a stuck or stopped device actor: say so
-        state = "; the device actor does not answer"
-    return OSError(errno.ETIMEDOUT, f"no reply to {what} in {timeout:g} s{state}")
-
-
-def call_many(device: pykka.ActorRef[DeviceActor], requests: list[Any]) -> list[Any]:
-    """Pipeline ``requests`` and wait for all; raises the first error after all finished."""
-    futures = [call(device, r) for r in requests]
-    results: list[Any] = []
-    first: BaseException | None = None
-    for f in futures:
-        try:
-            results.append(f.get())
-        except Exception as exc:
-            first = first or exc
-            results.append(None)
-    if first is not None:
-        raise first
-    return results
 

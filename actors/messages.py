@@ -37,20 +37,32 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class FuseCall(_Msg):
-    """Submit one FUSE request. ``reply`` is completed with the decoded reply (or an
-    exception). ``sink``: a writable buffer READ data is copied into (reply = byte count).
-    ``ctx``: (uid, gid, pid) for the request header, or None for the session default."""
+    """Submit one FUSE request. ``reply`` (a :class:`pyvirtiofs.actors.runtime.Future`) is
+    completed with the decoded reply or an exception, on the device actor's thread.
+    ``sink``: a writable buffer READ data is copied into (reply = byte count). ``ctx``:
+    (uid, gid, pid) for the request header, or None for the session default.
+    ``deadline`` (``time.monotonic()``): past it the call fails with ETIMEDOUT and is
+    abandoned; ``timeout`` is what the caller allowed, for the error message."""
 
     request: Any
     reply: Any
     sink: Any = None
+    deadline: float | None = None
+    timeout: float | None = None
+
+
+class Forget(_Msg):
+    """Give lookups back: ``items`` are (node id, count) pairs, sent as FORGET or
+    BATCH_FORGET on the hiprio queue. No reply (FORGET has none)."""
+
+    items: list[tuple[int, int]]
 
 
 class Abandon(_Msg):
-    """The caller of the :class:`FuseCall` whose future is ``reply`` gave up (a timeout):
-    drop it if it still waits, and never deliver its reply — nor copy a READ into its
-    ``sink``. In-process only. Reply: None (ask, so that once it returns the caller's
-    buffer is its own again)."""
+    """The caller of the :class:`FuseCall` whose future is ``reply`` gave up: drop it if
+    it still waits, never deliver its reply — nor copy a READ into its ``sink`` — and
+    fail ``reply`` with ECANCELED. In-process only. Reply: None (ask it, and once it
+    returns the caller's buffer is its own again)."""
 
     reply: Any
 
@@ -237,9 +249,11 @@ class ListMounts(_Msg):
 
 
 class Forgotten(_Msg):
-    """A handle actor tells its session it no longer needs ``nodeid`` (sent on release)."""
+    """A handle actor tells its session it no longer needs ``nodeid`` (sent on release);
+    ``handle`` is the actor's ref (in-process only)."""
 
     nodeid: int
+    handle: Any = None
 
 
 class LearnEntries(_Msg):

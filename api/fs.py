@@ -10,10 +10,12 @@ So the same operation behaves identically — results and errnos — on every pa
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import io
 import os
 import stat as stat_mod
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,8 +63,10 @@ class ShareFS(abc.ABC):
         """Send a message to an open handle (file or directory actor)."""
 
     @abc.abstractmethod
-    def _close_handle(self, handle: Any) -> None:
-        """Release a handle (RELEASE/RELEASEDIR); never raises for a handle already gone."""
+    def _close_handle(self, handle: Any, *, wait: bool = True) -> None:
+        """Release a handle (RELEASE/RELEASEDIR); never raises for a handle already gone.
+        ``wait=False``: send the close and return at once (from a finalizer, which must
+        never block)."""
 
     def _readinto(self, handle: Any, buffer: Any, name: str | None = None) -> int:
         """Read into ``buffer``; transports that can fill it in place override this."""
@@ -295,7 +299,12 @@ def _mode_to_flags(mode: str) -> tuple[int, bool, bool]:
 
 
 class RawFile(io.RawIOBase):
-    """An unbuffered file on a share, backed by a file actor (no OS file descriptor)."""
+    """An unbuffered file on a share, backed by a file actor (no OS file descriptor).
+
+    As with built-in files, one that is garbage-collected unclosed is closed then (its
+    handle released) with a ``ResourceWarning``."""
+
+    _finalizing = False
 
     def __init__(self, fs: ShareFS, handle: Any, name: str, flags: int) -> None:
         super().__init__()
@@ -374,9 +383,30 @@ class RawFile(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             try:
-                self._fs._close_handle(self._handle)
+                self._fs._close_handle(self._handle, wait=not self._finalizing)
             finally:
                 super().close()
+
+    def _dealloc_warn(self, source: Any) -> None:
+        """A buffered wrapper is being finalized unclosed (it calls this as it does for
+        FileIO): warn, and let its close() release without waiting."""
+        if not self.closed:
+            self._finalizing = True
+            warnings.warn(f"unclosed file {source!r}", ResourceWarning, stacklevel=2,
+                          source=source)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fs", None) is None or self.closed:
+            return
+        if not self._finalizing:
+            self._finalizing = True
+            warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2,
+                          source=self)
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<pyvirtiofs.RawFile name={self.name!r}>"
 
 
 class DirEntry:

@@ -28,6 +28,7 @@ import pykka
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.actors.device import DeviceActor
+from pyvirtiofs.actors.device_client import DeviceClient
 from pyvirtiofs.actors.published import PublishedAttrs
 from pyvirtiofs.actors.session import SessionConfig, open_session
 from pyvirtiofs.api.fs import DirEntry, PathLike, RawFile, ShareFS
@@ -102,8 +103,13 @@ class _Connection:
         self.transport = transport
         self.published = PublishedAttrs()
         self.device = DeviceActor.start(transport, **self.device_options)
+        timeout = (self.config or SessionConfig()).request_timeout
+        self.client = DeviceClient(self.device, timeout=timeout)
+        # Every task completes: the device fails what it cannot answer by its deadline.
+        # A caller still waits only so long, in case of a bug.
+        self.wait_limit = 2 * timeout + 10
         try:
-            self.session = open_session(self.device, self.config, self.published)
+            self.session = open_session(self.client, self.config, self.published)
         except BaseException:
             self.device.stop()
             raise
@@ -129,7 +135,7 @@ class _Connection:
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
-            self.session.stop()
+            self.session.stop(timeout=self.wait_limit)
         with contextlib.suppress(Exception):
             self.device.stop()
 
@@ -154,6 +160,11 @@ class VirtioFS(ShareFS):
     def device(self) -> Any:
         """The device actor's ref (changes when the share restarts its daemon)."""
         return self._conn.device
+
+    @property
+    def device_client(self) -> DeviceClient:
+        """The way to send requests to the device (changes when the share restarts)."""
+        return self._conn.client
 
     @property
     def session(self) -> Any:
@@ -192,7 +203,10 @@ class VirtioFS(ShareFS):
         if self.ctx is not None:
             message = msgspec.structs.replace(message, ctx=self.ctx)
         try:
-            return ref.ask(message)
+            return ref.ask(message, timeout=self._conn.wait_limit)
+        except pykka.Timeout:
+            raise OSError(errno.ETIMEDOUT, f"no answer to {type(message).__name__}",
+                          name) from None
         except pykka.ActorDeadError:
             if ref is self._conn.session:
                 raise OSError(errno.ENOTCONN, "the share is closed") from None
@@ -231,9 +245,12 @@ class VirtioFS(ShareFS):
         # In-process the file actor copies straight from guest memory into the buffer.
         return self._ask_handle(handle, m.ReadInto(buffer=buffer), name)
 
-    def _close_handle(self, handle: Any) -> None:
-        with contextlib.suppress(pykka.ActorDeadError):
-            handle[0].ask(m.Close())
+    def _close_handle(self, handle: Any, *, wait: bool = True) -> None:
+        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+            if wait:
+                handle[0].ask(m.Close(), timeout=self._conn.wait_limit)
+            else:
+                handle[0].tell(m.Close())
 
     def close(self) -> None:
         """Release every handle, forget every node, stop the device and its daemon."""
@@ -249,4 +266,4 @@ class VirtioFS(ShareFS):
     def stats(self) -> dict[str, Any]:
         """Counters of the session and the device (requests per opcode, nodes, …)."""
         return {"session": self._ask(m.SessionStats()),
-                "device": self.device.ask(m.DeviceStats())}
+                "device": self._conn.client.stats()}

@@ -45,15 +45,28 @@ class DmaMemory(Protocol):
 
 
 class VirtioTransport(Protocol):
-    """What the device layer needs from a transport."""
+    """What the device layer needs from a transport.
+
+    ``interrupt_fds()``: descriptors that become readable when the device has used buffers
+    (vhost-user: one call eventfd per queue; a PCI device: its INTx through UIO). Empty
+    when completions must be polled: the device layer then checks the used rings every
+    ``poll_interval`` seconds while requests are in flight. After waking on one,
+    ``ack_interrupt(fd)`` re-arms it; the used rings are drained after that, so an
+    interrupt that lands meanwhile is never lost.
+
+    ``death_fd()``: a descriptor that becomes readable (EOF, HUP) when the device dies, or
+    None when the transport cannot tell (then ``alive()`` is asked after a request timed
+    out).
+    """
 
     memory: DmaMemory
     queues: Sequence[SplitVirtqueue]
     buffer_start: int  # first offset in ``memory`` free for request buffers
+    poll_interval: float  # seconds between used-ring checks when there are no interrupts
 
     def kick(self, index: int) -> None: ...
-    def call_fd(self, index: int) -> int: ...
-    def ack_call(self, index: int) -> None: ...
-    def death_fd(self) -> int: ...
+    def interrupt_fds(self) -> Sequence[int]: ...
+    def ack_interrupt(self, fd: int) -> None: ...
+    def death_fd(self) -> int | None: ...
     def alive(self) -> bool: ...
     def close(self) -> None: ...

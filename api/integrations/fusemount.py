@@ -42,9 +42,10 @@ and ``..`` cost nothing extra and cannot go stale.
 * **Data.** No ``direct_io``: the kernel's page cache is in use, so mmap (shared, writable)
   works. ``keep_cache`` follows the daemon's FOPEN_KEEP_CACHE. Reads and writes are split at
   the session's negotiated limits. Byte-range locks are left to the kernel (local locks).
-* **Threads.** pyfuse3 runs on trio; daemon replies complete a pykka future subclass that
-  wakes the waiting trio task (no thread hop per request). pyfuse3 keeps global state:
-  one mount per process.
+* **Threads.** pyfuse3 runs on trio; each request goes to the device through its
+  :class:`~pyvirtiofs.actors.device_client.DeviceClient`, and the device thread's
+  completion reschedules the waiting trio task. pyfuse3 keeps global state: one mount per
+  process.
 
 Not supported: a remote (``tcp://``) share — a node-level passthrough needs the device
 actor in this process; ``connect(..., restart=True)`` shares (a restarted daemon invalidates
@@ -69,9 +70,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pykka
-
 from pyvirtiofs.actors import messages as m
+from pyvirtiofs.actors.device_client import DeviceClient
+from pyvirtiofs.actors.runtime import Future
 from pyvirtiofs.codec import fuse_requests as rq
 from pyvirtiofs.codec.fuse_abi import FOPEN_KEEP_CACHE, FUSE_ROOT_ID
 from pyvirtiofs.codec.fuse_types import Attr, AttrOut, DirentPlus, EntryOut
@@ -90,7 +91,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FuseMount", "add_arguments", "cmd_mount", "mount"]
 
-REQUEST_TIMEOUT = 60.0
 READDIR_BUFFER = 64 << 10
 SYNTHETIC_INO = 1 << 63
 MAX_IO = 1 << 20
@@ -114,90 +114,50 @@ def _fail(code: int | None) -> Any:
     return pyfuse3.FUSEError(code or errno.EIO)
 
 
-# -- the device bridge: pykka futures that wake trio tasks ---------------------------------
-
-
-class _TrioFuture(pykka.ThreadingFuture):  # type: ignore[type-arg]
-    """Completed by the device actor's thread; reschedules the trio task parked on it.
-
-    Cheaper than a trio.Event plus a cancel scope per request: the task parks with
-    ``wait_task_rescheduled`` and one watchdog task times out the stragglers."""
-
-    def __init__(self, token: Any, task: Any, deadline: float) -> None:
-        super().__init__()
-        self._token = token
-        self.task = task
-        self.deadline = deadline
-        self.parked = True  # the task still waits: reschedule it exactly once
-
-    def _wake(self) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._resume)
-
-    def _resume(self) -> None:  # on the trio thread
-        if self.parked:
-            self.parked = False
-            trio.lowlevel.reschedule(self.task)
-
-    def set(self, value: Any = None) -> None:
-        super().set(value)
-        self._wake()
-
-    def set_exception(self, exc_info: Any = None) -> None:
-        super().set_exception(exc_info)
-        self._wake()
+# -- the device bridge: device futures that wake trio tasks ----------------------------------
 
 
 class _Device:
-    """Sends FUSE requests to the share's device actor from trio tasks."""
+    """Sends FUSE requests to the share's device from trio tasks.
 
-    def __init__(self, ref: Any, token: Any) -> None:
-        self.ref = ref
+    The device actor's thread completes the request's future; its callback reschedules
+    the trio task parked on it (cheaper than a trio.Event per request). Deadlines are the
+    device's own: a request the daemon does not answer fails with ETIMEDOUT there."""
+
+    def __init__(self, client: DeviceClient, token: Any) -> None:
+        self.client = client
         self.token = token
-        self.pending: dict[_TrioFuture, None] = {}  # oldest first: deadlines ascend
 
     async def call(self, request: Any, ctx: m.Credentials | None = None) -> Any:
-        future = _TrioFuture(self.token, trio.lowlevel.current_task(),
-                             trio.current_time() + REQUEST_TIMEOUT)
-        try:
-            self.ref.tell(m.FuseCall(request=request, reply=future, ctx=ctx))
-        except pykka.ActorDeadError:
-            raise _fail(errno.ENOTCONN) from None
+        task = trio.lowlevel.current_task()
+        parked = True
+
+        def resume() -> None:  # on the trio thread
+            nonlocal parked
+            if parked:
+                parked = False
+                trio.lowlevel.reschedule(task)
+
+        def wake(_: Future[Any]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(resume)
 
         def abort(_: Any) -> Any:
-            future.parked = False
+            nonlocal parked
+            parked = False
+            self.client.abandon(future, wait=False)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        self.pending[future] = None
-        try:
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        finally:
-            self.pending.pop(future, None)
-        try:
-            return future.get(timeout=0)
-        except OSError as exc:
-            raise _fail(exc.errno) from None
-        except pykka.Timeout:  # woken by the watchdog: no reply in time
-            raise _fail(errno.ETIMEDOUT) from None
+        future = self.client.submit(request, ctx=ctx, callback=wake)
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        value, error = future.result_or_error()
+        if error is not None:
+            raise _fail(getattr(error, "errno", None)) from None
+        return value
 
-    async def watchdog(self) -> None:
-        """Wake requests the daemon has not answered within REQUEST_TIMEOUT (ETIMEDOUT)."""
-        while True:
-            await trio.sleep(1.0)
-            now = trio.current_time()
-            for future in list(self.pending):
-                if future.deadline > now:
-                    break
-                self.pending.pop(future, None)
-                if future.parked:
-                    log.warning("no reply from the daemon in %.0f s", REQUEST_TIMEOUT)
-                    future.parked = False
-                    trio.lowlevel.reschedule(future.task)
-
-    def send(self, request: Any) -> None:
-        """Fire and forget (FORGET, BATCH_FORGET: the daemon sends no reply)."""
-        with contextlib.suppress(pykka.ActorDeadError):
-            self.ref.tell(m.FuseCall(request=request, reply=pykka.ThreadingFuture()))
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        """FORGET / BATCH_FORGET (the daemon sends no reply)."""
+        self.client.forget(items)
 
 
 # -- the operations --------------------------------------------------------------------------
@@ -316,9 +276,7 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         return a
 
     def _forget_daemon(self, items: list[tuple[int, int]]) -> None:
-        for start in range(0, len(items), 256):
-            chunk = items[start:start + 256]
-            self.dev.send(rq.forget(*chunk[0]) if len(chunk) == 1 else rq.batch_forget(chunk))
+        self.dev.forget(items)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         items: list[tuple[int, int]] = []
@@ -759,7 +717,7 @@ def _terminate() -> None:
 async def _serve(fs: Any, mountpoint: str, options: set[str], handle_signals: bool,
                  started: Callable[[Any], None]) -> None:
     token = trio.lowlevel.current_trio_token()
-    device = _Device(fs.device, token)
+    device = _Device(fs.device_client, token)
     ops = _Operations(device, *_limits(fs))
     try:
         pyfuse3.init(ops, mountpoint, options)
@@ -768,7 +726,6 @@ async def _serve(fs: Any, mountpoint: str, options: set[str], handle_signals: bo
     unmounted = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(device.watchdog)
             if handle_signals:
                 nursery.start_soon(_watch_signals)
             started(token)

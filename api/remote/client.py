@@ -177,19 +177,24 @@ class RemoteFS(ShareFS):
     # -- requests ------------------------------------------------------------------------------
 
     def _request(self, op: Any, handle: int = 0, data: Any = None,
-                 name: str | None = None) -> Any:
+                 name: str | None = None, *, wait: bool = True) -> Any:
+        """Send ``op`` and wait for its reply; ``wait=False``: send it and return None (its
+        reply, when it comes, is dropped)."""
         if self._closing.is_set():
             raise OSError(errno.ENOTCONN, "the share is closed")
         if self.ctx is not None and op.ctx is None:
             op = msgspec.structs.replace(op, ctx=self.ctx)
         request_id = next(self._ids)
         call = _Call(op)
-        self._pending[request_id] = call
+        if wait:
+            self._pending[request_id] = call
         frames: list[Any] = [wire.encode_request(request_id, op, handle)]
         if data is not None:
             frames.append(data)
         self._outbox.append((request_id, frames))
         self._wake.ring()
+        if not wait:
+            return None
         if not call.done.wait(self.timeout):
             self._pending.pop(request_id, None)
             raise OSError(errno.ETIMEDOUT, f"no reply from {self.endpoint} within "
@@ -244,9 +249,9 @@ class RemoteFS(ShareFS):
                 break
         return written
 
-    def _close_handle(self, handle: Any) -> None:
+    def _close_handle(self, handle: Any, *, wait: bool = True) -> None:
         with contextlib.suppress(OSError):
-            self._request(m.Close(), handle)
+            self._request(m.Close(), handle, wait=wait)
 
     def close(self) -> None:
         """Say Bye (the server releases our handles at once) and stop the I/O thread."""

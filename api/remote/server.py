@@ -1,9 +1,9 @@
 """The ZeroMQ share server: remote clients reach a share's actors through one ROUTER socket.
 
 One thread owns the socket (ZeroMQ sockets are not thread-safe). It never blocks on an
-actor: each request is put in the target actor's inbox with a :class:`_ReplyFuture`, and
-when the actor completes it, the future queues itself and pokes an eventfd the server
-thread polls beside the socket. So one slow request never holds up another, and many
+actor: each request is asked of the target actor without blocking (``ask(block=False)``),
+and when the actor completes its future, a callback queues the reply and rings a doorbell
+the server thread polls beside the socket. So one slow request never holds up another, and many
 requests per client can be outstanding, matched by id.
 
 Open handles are server-side actors owned by the client connection (the ROUTER routing
@@ -41,10 +41,10 @@ from typing import Any
 import msgspec
 import pykka
 import zmq
-from pykka._envelope import Envelope
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.actors.doorbell import Doorbell
+from pyvirtiofs.actors.runtime import Future, done, failed
 from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.api.remote import wire
 
@@ -162,27 +162,17 @@ class _Pending:
     cost: int
 
 
-class _ReplyFuture(pykka.ThreadingFuture[Any]):
-    """A pykka future that, once completed by an actor, queues itself for the server."""
+@dataclass(slots=True)
+class _Reply:
+    """A request handed to an actor; ``future`` is what the actor will complete."""
 
-    def __init__(self, server: ShareServer, client: _Client, request_id: int, op: Any,
-                 handle: int, cost: int = 0, generation: int = 0) -> None:
-        super().__init__()
-        self.server = server
-        self.client = client
-        self.request_id = request_id
-        self.op = op
-        self.handle = handle
-        self.cost = cost
-        self.generation = generation
-
-    def set(self, value: Any | None = None) -> None:
-        super().set(value)
-        self.server._completed(self)
-
-    def set_exception(self, exc_info: Any = None) -> None:
-        super().set_exception(exc_info)
-        self.server._completed(self)
+    client: _Client
+    request_id: int
+    op: Any
+    handle: int
+    cost: int = 0
+    generation: int = 0
+    future: Future[Any] | None = None
 
 
 def _wire_error(exc: BaseException) -> wire.WireError:
@@ -237,7 +227,7 @@ class ShareServer:
         self.on_event = on_event
         self.endpoints: list[str] = []
         self._clients: dict[bytes, _Client] = {}
-        self._done: collections.deque[_ReplyFuture] = collections.deque()
+        self._done: collections.deque[_Reply] = collections.deque()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._queues: dict[int, tuple[Tenant, collections.deque[_Pending]]] = {}
         self._round_robin: collections.deque[int] = collections.deque()
@@ -626,17 +616,18 @@ class ShareServer:
         except BaseException:
             self._uncharge(tenant, op, pending.cost)
             raise
-        future = _ReplyFuture(self, client, pending.request_id, op, handle, pending.cost,
-                              tenant.stats.generation)
+        reply = _Reply(client, pending.request_id, op, handle, pending.cost,
+                       tenant.stats.generation)
         tenant.stats.requests_in_flight += 1
-        ref.actor_inbox.put(Envelope(op, reply_to=future))
+        reply.future = ref.ask(op, block=False)
+        reply.future.add_done_callback(lambda _, r=reply: self._completed(r))
 
     def _reply_later(self, pending: _Pending, value: Any) -> None:
         """Answer a request without an actor (it still goes through the completion path)."""
-        future = _ReplyFuture(self, pending.client, pending.request_id, pending.op,
-                              pending.handle, pending.cost, pending.client.tenant.stats.generation)
         pending.client.tenant.stats.requests_in_flight += 1
-        future.set(value)
+        self._completed(_Reply(pending.client, pending.request_id, pending.op, pending.handle,
+                               pending.cost, pending.client.tenant.stats.generation,
+                               done(value)))
 
     # -- restarting a tenant's share ----------------------------------------------------------
 
@@ -683,27 +674,27 @@ class ShareServer:
             self._round_robin.remove(id(tenant))
         for pending in entry[1]:
             tenant.stats.queued -= 1
-            future = _ReplyFuture(self, pending.client, pending.request_id, pending.op,
-                                  pending.handle, pending.cost)
             tenant.stats.requests_in_flight += 1
-            future.set_exception((type(exc), exc, None))
+            self._completed(_Reply(pending.client, pending.request_id, pending.op,
+                                   pending.handle, pending.cost, future=failed(exc)))
 
     # -- completions (any thread → server thread) --------------------------------------------
 
-    def _completed(self, future: _ReplyFuture) -> None:
-        self._done.append(future)
+    def _completed(self, reply: _Reply) -> None:
+        self._done.append(reply)
         self._poke()
 
     def _send_completed(self, sock: zmq.Socket[Any]) -> None:
         while self._done:
             future = self._done.popleft()
+            assert future.future is not None
             client = future.client
             tenant = client.tenant
             tenant.stats.requests_in_flight -= 1
             op = future.op
             self._uncharge(tenant, op, future.cost)
             try:
-                value = future.get(timeout=0)
+                value = future.future.get(timeout=0)
             except Exception as exc:
                 self._error_reply(sock, client, future.request_id, op, exc)
                 continue

@@ -62,6 +62,7 @@ class VhostUserTransport:
     ) -> None:
         self.frontend = frontend
         self.daemon = daemon
+        self.poll_interval = 0.0  # interrupts: never polled
         self._closed = False
         wanted = 0
         if event_idx:
@@ -128,13 +129,13 @@ class VhostUserTransport:
         except OSError as exc:  # only if we were closed under the caller's feet
             raise DeviceGone(f"kick failed: {exc}") from exc
 
-    def call_fd(self, index: int) -> int:
-        return self._call_fds[index]
+    def interrupt_fds(self) -> list[int]:
+        return list(self._call_fds)
 
-    def ack_call(self, index: int) -> None:
+    def ack_interrupt(self, fd: int) -> None:
         """Reset a call eventfd's counter (counts coalesce; the ring is drained anyway)."""
         with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._call_fds[index])
+            os.eventfd_read(fd)
 
     def death_fd(self) -> int:
         return self.frontend.fileno()

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pykka
-
 from pyvirtiofs.actors.messages import DeviceStats
 from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.hw.vhost_user.transport import VhostUserTransport
@@ -229,18 +227,17 @@ def test_device_inbox_fails_calls_it_can_no_longer_deliver() -> None:
     """A FuseCall queued when the device actor stops, or arriving after (it passed the
     sender's liveness check just before), fails at once: pykka would drop a told message
     and its caller would wait for a full timeout."""
-    from pykka._envelope import Envelope
-
-    from pyvirtiofs.actors.device import _DeviceInbox
+    from pyvirtiofs.actors.device import _DeviceInbox, _Event
     from pyvirtiofs.actors.messages import FuseCall
+    from pyvirtiofs.actors.runtime import Future
     from pyvirtiofs.codec import fuse_requests as rq
 
-    def call() -> pykka.ThreadingFuture[Any]:
-        future: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
-        inbox.put(Envelope(FuseCall(request=rq.getattr(1), reply=future)))
+    def call() -> Future[Any]:
+        future: Future[Any] = Future()
+        inbox.put(_Event(FuseCall(request=rq.getattr(1), reply=future)))
         return future
 
-    def assert_failed(future: pykka.ThreadingFuture[Any]) -> None:
+    def assert_failed(future: Future[Any]) -> None:
         try:
             future.get(timeout=1)
         except OSError as exc:

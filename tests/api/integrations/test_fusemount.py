@@ -626,40 +626,38 @@ def test_in_process_mount_gives_back_every_node() -> None:
             assert fs.read_bytes("f7") == b"7"  # the share itself lives on
 
 
-# -- the trio ↔ device-actor bridge, without a kernel or a daemon ----------------------------
-
-
-class _FakeDeviceRef:
-    """Stands in for the device actor: answers from another thread, or never."""
-
-    def __init__(self, answer: bool) -> None:
-        self.answer = answer
-
-    def tell(self, message) -> None:
-        if self.answer:
-            threading.Timer(0.01, message.reply.set, args=(("done", message.ctx),)).start()
+# -- the trio ↔ device bridge, without a kernel ----------------------------------------------
 
 
 @pytest.mark.parametrize("answer", [True, False])
-def test_device_bridge_wakes_and_times_out(answer: bool, monkeypatch) -> None:
+def test_device_bridge_wakes_and_times_out(answer: bool) -> None:
+    """A trio task parked on a device request is woken by its reply, or by the device's
+    deadline when the reply never comes (a test backend holds it back)."""
     import trio
 
     from pyvirtiofs.api.integrations import fusemount
+    from pyvirtiofs.codec import fuse_requests as rq
+    from pyvirtiofs.codec.fuse_abi import FUSE_ROOT_ID, Opcode
+    from tests.actors.test_hostile_device import _set, make_fs
 
-    monkeypatch.setattr(fusemount, "REQUEST_TIMEOUT", 0.5)
+    with make_fs(request_timeout=0.5) as r:
+        if not answer:
+            r.backend.arm(Opcode.GETATTR, _set(hold=True))
 
-    async def scenario():
-        device = fusemount._Device(_FakeDeviceRef(answer), trio.lowlevel.current_trio_token())
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(device.watchdog)
+        async def scenario() -> object:
+            device = fusemount._Device(r.fs.device_client, trio.lowlevel.current_trio_token())
             try:
                 with trio.fail_after(10):
-                    return await device.call(object(), ctx=(1, 2, 3))
+                    out = await device.call(rq.getattr(FUSE_ROOT_ID), ctx=(0, 0, 1))
+                    return out.attr.mode
             except pyfuse3.FUSEError as exc:
                 return exc.errno
-            finally:
-                assert not device.pending
-                nursery.cancel_scope.cancel()
 
-    result = trio.run(scenario)
-    assert result == (("done", (1, 2, 3)) if answer else errno.ETIMEDOUT)
+        t0 = time.monotonic()
+        result = trio.run(scenario)
+        if answer:
+            assert stat.S_ISDIR(result)
+        else:
+            assert result == errno.ETIMEDOUT and time.monotonic() - t0 < 5
+            r.backend.release_held()
+        r.assert_no_leaks()
