@@ -195,23 +195,12 @@ class ShareFS(abc.ABC):
 
     # -- directories ---------------------------------------------------------------------------
 
-    def scandir(self, path: PathLike = "/") -> Iterator[DirEntry]:
+    def scandir(self, path: PathLike = "/") -> ScandirIterator:
         """Entries of ``path`` (without . and ..), with their attributes from READDIRPLUS
-        so ``is_dir()``/``stat()`` need no further round trip."""
+        so ``is_dir()``/``stat()`` need no further round trip. Like ``os.scandir``: an
+        iterator and a context manager that closes the directory."""
         handle = self._open_dir(m.OpenDir(path=_p(path)))
-        base = os.fsdecode(path)
-        try:
-            while True:
-                batch: list[DirentPlus] = self._ask_handle(handle, m.ReadDir(plus=True))
-                if not batch:
-                    return
-                for e in batch:
-                    name = e.dirent.name
-                    if name in (b".", b".."):
-                        continue
-                    yield DirEntry(self, base, name, e, isinstance(path, bytes))
-        finally:
-            self._close_handle(handle)
+        return ScandirIterator(self, handle, path)
 
     def listdir(self, path: PathLike = "/") -> list[Any]:
         handle = self._open_dir(m.OpenDir(path=_p(path)))
@@ -407,6 +396,56 @@ class RawFile(io.RawIOBase):
 
     def __repr__(self) -> str:
         return f"<pyvirtiofs.RawFile name={self.name!r}>"
+
+
+class ScandirIterator:
+    """What :meth:`ShareFS.scandir` returns (see ``os.scandir``): the directory is released
+    when the entries run out, on :meth:`close`, at the end of a ``with`` block, or — with
+    a ``ResourceWarning``, as ``os.scandir`` warns — when it is garbage-collected."""
+
+    def __init__(self, fs: ShareFS, handle: Any, path: PathLike) -> None:
+        self._fs = fs
+        self._handle: Any = handle
+        self._base = os.fsdecode(path)
+        self._as_bytes = isinstance(path, bytes)
+        self._batch: list[DirentPlus] = []
+        self._next = 0
+
+    def __iter__(self) -> ScandirIterator:
+        return self
+
+    def __next__(self) -> DirEntry:
+        while True:
+            if self._handle is None:
+                raise StopIteration
+            if self._next == len(self._batch):
+                self._batch = self._fs._ask_handle(self._handle, m.ReadDir(plus=True))
+                self._next = 0
+                if not self._batch:
+                    self.close()
+                    raise StopIteration
+            e = self._batch[self._next]
+            self._next += 1
+            if e.dirent.name not in (b".", b".."):
+                return DirEntry(self._fs, self._base, e.dirent.name, e, self._as_bytes)
+
+    def close(self, *, wait: bool = True) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._fs._close_handle(handle, wait=wait)
+
+    def __enter__(self) -> ScandirIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            warnings.warn(f"unclosed scandir iterator {self!r}", ResourceWarning,
+                          stacklevel=2, source=self)
+            with contextlib.suppress(Exception):
+                self.close(wait=False)  # a finalizer never waits
 
 
 class DirEntry:
