@@ -55,6 +55,18 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
     2>/dev/null || need+=(python3-dev)
 if [ "${#need[@]}" -gt 0 ]; then apt_install "${need[@]}"; fi
 
+# Guest tests (tests/guest): QEMU to boot a TCG VM. The guest's kernel and busybox are not
+# installed here: tests/guest/image.py fetches them with `apt-get download` and unpacks them
+# with dpkg-deb (it decompresses modules and writes the initramfs itself), so it only needs
+# the package lists, refreshed once if they do not know the kernel meta-package.
+guest=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || guest+=(qemu-system-x86)
+command -v dpkg-deb >/dev/null 2>&1 || guest+=(dpkg)
+if [ "${#guest[@]}" -gt 0 ]; then apt_install --no-install-recommends "${guest[@]}"; fi
+if [ -z "$apt_updated" ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    $SUDO apt-get update -qq; apt_updated=1
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv
