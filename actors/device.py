@@ -1,24 +1,25 @@
 """The device actor: sole owner of the transport, its queues and every request in flight.
 
-A pykka actor cannot block on its inbox and on file descriptors at once, so this actor
-brings its own inbox (:class:`_DeviceInbox`): ``get()`` — which pykka calls on the actor's
-own thread — waits with ``poll`` on a doorbell *and* the transport's interrupt fds *and*
-its death fd, with a timeout that is the nearest request deadline (or the transport's
-poll interval while requests are in flight on a transport without interrupts).
-Interrupts, deaths and deadlines become messages handled by the same thread, so the rings
-are touched by exactly one thread: the "IRQ loop" *is* the actor loop.
+It is an :class:`~pyvirtiofs.actors.runtime.InlineActor`: a request is placed in the ring
+by the thread that sends it when the actor is idle (no hand-off to another thread on the
+way in), or by whichever thread holds the actor's turn; requests that arrive together are
+published with one kick (the actor kicks when its mailbox runs empty). One thread of its
+own, the *interrupt thread*, waits with ``poll`` on the transport's interrupt fds, its
+death fd and a doorbell, with a timeout that is the nearest request deadline (or the
+transport's poll interval while requests are in flight on a transport without
+interrupts). What it sees it tells the actor as a message (harvest, died, expire), which
+it then usually runs itself: the "IRQ loop" is this thread, the state stays the actor's.
 
 Requests come as :class:`~pyvirtiofs.actors.messages.FuseCall` (see
 :class:`~pyvirtiofs.actors.device_client.DeviceClient`, the one way to send them); each
-carries the caller's :class:`~pyvirtiofs.actors.runtime.Future`, which this thread
-completes as it harvests the reply — callbacks on it run here, with no further hop.
-Requests that arrive together are placed together and published with one kick (the inbox
-flushes before it sleeps). When the ring or guest memory is full, requests wait in order
-in a backlog. Every future handed to this actor is completed, whatever happens: a request
-that cannot be encoded fails alone; one past its deadline fails with ETIMEDOUT (and is
-abandoned: its late reply is reclaimed and whatever it holds paid back); when the daemon
-dies, everything pending and later fails with ENOTCONN; a call that reaches the inbox
-after the actor stopped is failed by the inbox itself.
+carries the caller's :class:`~pyvirtiofs.actors.runtime.Future`, completed as its reply
+is harvested — callbacks on it (an actor's continuation) run right there, with no further
+hop. When the ring or guest memory is full, requests wait in order in a backlog. Every
+future handed to this actor is completed, whatever happens: a request that cannot be
+encoded fails alone; one past its deadline fails with ETIMEDOUT (and is abandoned: its
+late reply is reclaimed and whatever it holds paid back); when the daemon dies,
+everything pending and later fails with ENOTCONN; a call that reaches a stopped actor
+fails at once.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import errno
 import heapq
 import logging
 import select
+import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import pykka
 
@@ -50,7 +52,7 @@ from pyvirtiofs.actors.messages import (
     FuseCall,
     WatchDevice,
 )
-from pyvirtiofs.actors.runtime import Future, mark_nonblocking
+from pyvirtiofs.actors.runtime import Future, InlineActor, mark_nonblocking
 from pyvirtiofs.codec import fuse_requests
 from pyvirtiofs.hw.transport import DeviceGone, VirtioTransport
 
@@ -59,16 +61,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DeviceActor"]
 
 
-class _Event(NamedTuple):
-    """What the inbox hands pykka's loop besides messages (the envelope protocol:
-    ``message`` and ``reply_to``)."""
-
-    message: Any
-    reply_to: Any = None
-
-
 class _Harvest:
-    """The used rings have entries."""
+    """The used rings may have entries."""
 
 
 class _Died:
@@ -76,139 +70,22 @@ class _Died:
 
 
 class _Expire:
-    """A request deadline passed."""
+    """A request deadline may have passed."""
 
 
-_HARVEST = _Event(_Harvest())
-_DIED = _Event(_Died())
-_EXPIRE = _Event(_Expire())
+_HARVEST, _DIED, _EXPIRE = _Harvest(), _Died(), _Expire()
 
 
-class _DeviceInbox:
-    """pykka inbox that multiplexes messages with interrupts, death and deadlines."""
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[Any] = collections.deque()
-        self._wake = Doorbell()
-        self._sleeping = False
-        self._closed = False
-        self._poll = select.poll()
-        self._poll.register(self._wake.fileno(), select.POLLIN)
-        self._irq_fds: set[int] = set()
-        self._death_fd: int | None = None
-        self.actor: DeviceActor | None = None  # set in on_start, cleared at close
-        self.busy_poll = False
-
-    # Producer side (any thread). The GIL orders these bytecodes, so the lost-wake-up race
-    # is closed by: consumer sets _sleeping, re-checks the queue, polls; producer appends,
-    # then checks _sleeping.
-    def put(self, envelope: Any, /) -> None:
-        self._queue.append(envelope)
-        if self._closed:
-            # The actor stopped between the sender's liveness check and this append: no
-            # one will read this. Appending first, then checking, closes the race with
-            # close() (which sets _closed first, then drains): every envelope is rejected
-            # by one side or the other, exactly once (deque pops are atomic).
-            self.reject_queued()
-            return
-        if self._sleeping:
-            self._wake.ring()
-
-    def empty(self) -> bool:
-        return not self._queue
-
-    # Consumer side: only the device actor's thread.
-    def watch(self, irq_fds: list[int], death_fd: int | None) -> None:
-        for fd in irq_fds:
-            self._irq_fds.add(fd)
-            self._poll.register(fd, select.POLLIN)
-        self._death_fd = death_fd
-        if death_fd is not None:
-            self._poll.register(death_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-
-    def unwatch(self) -> None:
-        for fd in [*self._irq_fds, self._death_fd]:
-            if fd is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._poll.unregister(fd)
-        self._irq_fds.clear()
-        self._death_fd = None
-
-    def get(self) -> Any:
-        while True:
-            if self._queue:
-                return self._queue.popleft()
-            actor = self.actor
-            if actor is None:  # not started, or stopping: only messages matter
-                self._sleeping = True
-                if not self._queue:
-                    self._wait(None)
-                self._sleeping = False
-                continue
-            if actor.has_used():
-                return _HARVEST
-            timeout = actor.next_timeout()
-            if timeout == 0.0:
-                return _EXPIRE
-            actor.flush()
-            self._sleeping = True
-            if self._queue:
-                self._sleeping = False
-                continue
-            event = self._wait(0.0 if self.busy_poll else timeout)
-            self._sleeping = False
-            if event is not None:
-                return event
-
-    def _wait(self, timeout: float | None) -> Any:
-        """Sleep in poll; the event that woke us (None: a message or nothing yet)."""
-        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        irq = None
-        for fd, _ in self._poll.poll(ms):
-            if fd == self._wake.fileno():
-                self._wake.drain()
-            elif fd == self._death_fd:
-                return _DIED
-            elif self.actor is not None:
-                self.actor.transport.ack_interrupt(fd)
-                irq = _HARVEST
-        return irq
-
-    def close(self) -> None:
-        """No more messages: reject what is queued and whatever comes later."""
-        self._closed = True
-        self.actor = None
-        self.reject_queued()
-        self._wake.close()
-
-    def reject_queued(self) -> None:
-        """Complete every queued message's future with an error (any thread)."""
-        gone = DeviceGone("virtio-fs device actor is stopped")
-        while True:
-            try:
-                envelope = self._queue.popleft()
-            except IndexError:
-                return
-            if isinstance(envelope.message, FuseCall):
-                envelope.message.reply.fail(gone)
-            elif envelope.reply_to is not None:
-                with contextlib.suppress(Exception):
-                    error = pykka.ActorDeadError("device actor is stopped")
-                    envelope.reply_to.set_exception((type(error), error, None))
-
-
-class DeviceActor(pykka.ThreadingActor):
+class DeviceActor(InlineActor):
     """Owns a transport. Messages: :class:`FuseCall`, :class:`Forget`, :class:`Abandon`,
     :class:`WatchDevice`, :class:`DeviceStats` (all in :mod:`pyvirtiofs.actors.messages`).
 
-    ``busy_poll``: spin on the used ring instead of sleeping (lower latency, burns a core).
-    ``max_in_flight``: how many requests may be on the rings at once (default: as many as
-    fit); the rest wait in order, e.g. 1 reproduces the Hermit driver's one-request-at-a-
-    time device lock. On stop it sends DESTROY (best effort) and closes the transport,
-    which stops the rings and the daemon it launched.
+    ``busy_poll``: the interrupt thread spins on the used rings instead of sleeping
+    (lower latency, burns a core). ``max_in_flight``: how many requests may be on the
+    rings at once (default: as many as fit); the rest wait in order, e.g. 1 reproduces
+    the Hermit driver's one-request-at-a-time device lock. On stop it sends DESTROY (best
+    effort) and closes the transport, which stops the rings and the daemon it launched.
     """
-
-    use_daemon_thread = True  # never keep a process alive just for the device
 
     def __init__(self, transport: VirtioTransport, *, busy_poll: bool = False,
                  ctx: RequestContext | None = None, destroy_timeout: float = 2.0,
@@ -227,43 +104,23 @@ class DeviceActor(pykka.ThreadingActor):
         self.dead: DeviceGone | None = None
         self.watchers: list[pykka.ActorRef[Any]] = []
         self.destroy_timeout = destroy_timeout
-        self.poll_interval = getattr(transport, "poll_interval", 0.0)
+        self.busy_poll = busy_poll
         self.interrupts = list(transport.interrupt_fds())
-        inbox = self.actor_inbox
-        assert isinstance(inbox, _DeviceInbox)
-        inbox.busy_poll = busy_poll
-
-    @staticmethod
-    def _create_actor_inbox() -> _DeviceInbox:  # type: ignore[override]
-        return _DeviceInbox()
-
-    # -- the inbox's questions (this thread) ------------------------------------------------
-
-    def has_used(self) -> bool:
-        return self.dead is None and self.channel.queues.has_used()
-
-    def flush(self) -> None:
-        if self.dead is None:
-            self.channel.flush()
-
-    def next_timeout(self) -> float | None:
-        """Seconds until something must be looked at without a wake-up: the nearest
-        deadline, or the poll interval on a transport without interrupts."""
-        timeout: float | None = None
-        if self.deadlines:
-            timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
-        if not self.interrupts and self.channel.in_flight and self.dead is None:
-            poll = self.poll_interval or 0.001
-            timeout = poll if timeout is None else min(timeout, poll)
-        return timeout
+        self.poll_interval = getattr(transport, "poll_interval", 0.0) or 0.001
+        # What the interrupt thread reads without the turn: plain values, published by the
+        # actor when it goes idle (a float and a bool are read atomically).
+        self.wake_at: float | None = None
+        self.polling = False  # in flight on a transport without interrupts: poll
+        self._bell = Doorbell()
+        self._irq: threading.Thread | None = None
+        self._stopping = False
 
     # -- life cycle ----------------------------------------------------------------------
 
     def on_start(self) -> None:
-        mark_nonblocking()  # callbacks run here: a wait would be for ourselves
-        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.watch(self.interrupts, self.transport.death_fd())
-        inbox.actor = self
+        self._irq = threading.Thread(target=self._interrupts, name="virtio-fs-irq",
+                                     daemon=True)
+        self._irq.start()
 
     def on_stop(self) -> None:
         self._shutdown()
@@ -271,19 +128,25 @@ class DeviceActor(pykka.ThreadingActor):
     def on_failure(self, *exc_info: Any) -> None:
         self._shutdown()
 
+    def on_rejected(self, message: Any) -> None:
+        if isinstance(message, FuseCall):  # sent just as the actor stopped
+            message.reply.fail(DeviceGone("virtio-fs device actor is stopped"))
+
     def _shutdown(self) -> None:
-        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
+        self._stopping = True  # the interrupt thread stops
+        self._bell.ring()
+        if self._irq is not None and self._irq is not threading.current_thread():
+            self._irq.join(timeout=5)
+        self._bell.close()
         if self.dead is None:
             self._destroy()
         gone = DeviceGone("virtio-fs device actor stopped")
         self._fail_everything(gone)
         self._tell_watchers(self.dead or gone)
-        inbox.unwatch()
         try:
             self.transport.close()
         except OSError as exc:
             log.warning("closing the transport failed: %s", exc)
-        inbox.close()
 
     def _destroy(self) -> None:
         """Send FUSE_DESTROY and wait briefly for its reply (the session is over)."""
@@ -295,16 +158,81 @@ class DeviceActor(pykka.ThreadingActor):
             wait_for(self.channel, request, time.monotonic() + self.destroy_timeout,
                      self._deliver)
 
+    # -- the interrupt thread ------------------------------------------------------------
+
+    def _interrupts(self) -> None:
+        """Wait for interrupts, death and deadlines; tell the actor (see module doc)."""
+        mark_nonblocking()  # completions run here: a wait would be for ourselves
+        bell = self._bell
+        poller = select.poll()
+        poller.register(bell.fileno(), select.POLLIN)
+        for fd in self.interrupts:
+            poller.register(fd, select.POLLIN)
+        death = self.transport.death_fd()
+        if death is not None:
+            poller.register(death, select.POLLIN | select.POLLHUP | select.POLLERR)
+        tell = self.actor_ref.tell
+        try:
+            while not self._stopping:
+                timeout = self._wait_time()
+                events = poller.poll(-1 if timeout is None else int(timeout * 1000 + 0.999))
+                if self._stopping:
+                    return
+                # Polled (no interrupts, or spinning): look at the rings, not touch them.
+                harvest = (self.polling or self.busy_poll) and self.channel.queues.has_used()
+                for fd, _ in events:
+                    if fd == bell.fileno():
+                        bell.drain()
+                    elif fd == death:
+                        poller.unregister(death)  # a dead socket stays readable
+                        tell(_DIED)
+                    else:
+                        self.transport.ack_interrupt(fd)
+                        harvest = True
+                if harvest:
+                    tell(_HARVEST)
+                wake_at = self.wake_at
+                if wake_at is not None and wake_at <= time.monotonic():
+                    tell(_EXPIRE)
+        except pykka.ActorDeadError:
+            return
+
+    def _wait_time(self) -> float | None:
+        if self.busy_poll:
+            return 0.0
+        timeout = None
+        wake_at = self.wake_at
+        if wake_at is not None:
+            timeout = max(0.0, wake_at - time.monotonic())
+        if self.polling:
+            timeout = self.poll_interval if timeout is None else min(timeout,
+                                                                      self.poll_interval)
+        return timeout
+
+    def on_idle(self) -> None:
+        """Publish what was placed (one kick for all of it) and tell the interrupt thread
+        when to look next."""
+        if self.dead is not None:
+            return
+        self.channel.flush()
+        wake_at = self.deadlines[0][0] if self.deadlines else None
+        polling = not self.interrupts and self.channel.in_flight > 0
+        earlier = wake_at is not None and (self.wake_at is None or wake_at < self.wake_at)
+        start_polling = polling and not self.polling
+        self.wake_at, self.polling = wake_at, polling
+        if earlier or start_polling:
+            self._bell.ring()
+
     # -- messages ------------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, FuseCall):
             self._submit(message)
-        elif isinstance(message, _Harvest):
+        elif message is _HARVEST:
             self._harvest()
-        elif isinstance(message, _Expire):
+        elif message is _EXPIRE:
             self._expire()
-        elif isinstance(message, _Died):
+        elif message is _DIED:
             if not self.transport.alive():
                 self._died()
         elif isinstance(message, Forget):
@@ -391,6 +319,8 @@ class DeviceActor(pykka.ThreadingActor):
             heapq.heapify(self.deadlines)
 
     def _harvest(self) -> None:
+        if self.dead is not None:
+            return
         for completion in self.channel.harvest():
             self._deliver(completion)
         self._drain_backlog()
@@ -438,9 +368,7 @@ class DeviceActor(pykka.ThreadingActor):
                   self.channel.in_flight + len(self.backlog),
                   f"; daemon said: {said}" if said else "", rings)
         self.dead = DeviceGone(detail)
-        # Stop watching: the dead socket would stay readable forever (a busy loop).
-        inbox: _DeviceInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.unwatch()
+        self.wake_at, self.polling = None, False
         self._fail_everything(self.dead)
         self._tell_watchers(self.dead)
 
@@ -471,4 +399,3 @@ def _context(ctx: Any) -> RequestContext | None:
     if not all(0 <= v <= 0xFFFF_FFFF for v in (uid, gid, pid)):
         raise OSError(errno.EINVAL, f"credentials out of range: {ctx!r}")
     return RequestContext(uid, gid, pid)
-

@@ -380,9 +380,14 @@ class InlineActor(pykka.Actor):
         while messages:
             self._reject_one(messages.popleft())
 
+    def on_rejected(self, message: Any) -> None:
+        """A told message arrived after the actor stopped (an asked one fails with
+        ActorDeadError): a hook for actors whose messages carry their own futures."""
+
     def _reject_one(self, envelope: Any) -> None:
         reply = envelope.reply_to
         if reply is None:
+            self.on_rejected(envelope.message)
             return
         # (A stop asked of a stopped actor: pykka's ActorRef.stop reads this as False.)
         error = pykka.ActorDeadError(f"{self} stopped before handling the message")

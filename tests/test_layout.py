@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -122,8 +123,12 @@ def test_commands_do_not_load_the_tools() -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ and *.egg-info behind in its source.
+    source = tmp_path_factory.mktemp("source") / "pyvirtiofs"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "*.egg-info", "__pycache__", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
-                    str(REPO)], check=True, timeout=600, capture_output=True)
+                    str(source)], check=True, timeout=600, capture_output=True)
     (found,) = out.glob("pyvirtiofs-*.whl")
     return found
 

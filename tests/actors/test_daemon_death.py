@@ -223,19 +223,19 @@ def test_closing_the_share_under_busy_callers(share: Path) -> None:
                 i, exc)
 
 
-def test_device_inbox_fails_calls_it_can_no_longer_deliver() -> None:
-    """A FuseCall queued when the device actor stops, or arriving after (it passed the
-    sender's liveness check just before), fails at once: pykka would drop a told message
-    and its caller would wait for a full timeout."""
-    from pyvirtiofs.actors.device import _DeviceInbox, _Event
+def test_device_fails_calls_it_can_no_longer_deliver(share: Path) -> None:
+    """A FuseCall sent to a stopped device actor, or arriving just after it stopped (it
+    passed the sender's liveness check just before), fails at once: pykka would drop a
+    told message and its caller would wait for a full timeout."""
+    from typing import NamedTuple
+
     from pyvirtiofs.actors.messages import FuseCall
     from pyvirtiofs.actors.runtime import Future
     from pyvirtiofs.codec import fuse_requests as rq
 
-    def call() -> Future[Any]:
-        future: Future[Any] = Future()
-        inbox.put(_Event(FuseCall(request=rq.getattr(1), reply=future)))
-        return future
+    class Envelope(NamedTuple):  # the inbox protocol: what ActorRef.tell puts there
+        message: Any
+        reply_to: Any = None
 
     def assert_failed(future: Future[Any]) -> None:
         try:
@@ -245,9 +245,11 @@ def test_device_inbox_fails_calls_it_can_no_longer_deliver() -> None:
         else:
             raise AssertionError("a call to a stopped device succeeded")
 
-    inbox = _DeviceInbox()
-    queued = call()
-    inbox.close()
-    assert_failed(queued)
-    assert_failed(call())
-    assert inbox.empty()
+    with mounted(share) as (fs, _):
+        client, ref = fs.device_client, fs.device
+        ref.stop()
+        assert_failed(client.submit(rq.getattr(1)))
+        late: Future[Any] = Future()
+        ref.actor_inbox.put(Envelope(FuseCall(request=rq.getattr(1), reply=late)))
+        assert_failed(late)
+        assert ref.actor_inbox.empty()
