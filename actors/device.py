@@ -215,6 +215,7 @@ class DeviceActor(InlineActor):
         if self.dead is not None:
             return
         self.channel.flush()
+        self._compact_deadlines()
         wake_at = self.deadlines[0][0] if self.deadlines else None
         polling = not self.interrupts and self.channel.in_flight > 0
         earlier = wake_at is not None and (self.wake_at is None or wake_at < self.wake_at)
@@ -313,8 +314,13 @@ class DeviceActor(InlineActor):
                 f"{self.channel.in_flight} in flight, {len(self.backlog)} waiting"))
         if self.transport.death_fd() is None and self.timeouts and not self.transport.alive():
             self._died()  # a transport that cannot report its death: ask after a timeout
-        # Completed calls leave their entries behind: drop them when they dominate.
-        if len(heap) > 64 and len(heap) > 4 * (self.channel.in_flight + len(self.backlog)):
+
+    def _compact_deadlines(self) -> None:
+        """Completed calls leave their heap entries behind (and with them the request, a
+        WRITE's payload included): drop them once they are most of the heap. Amortised:
+        the heap at least doubles between two compactions."""
+        heap = self.deadlines
+        if len(heap) > 64 and len(heap) > 2 * (self.channel.in_flight + len(self.backlog)):
             self.deadlines = [e for e in heap if not e[2].reply.done()]
             heapq.heapify(self.deadlines)
 

@@ -177,9 +177,7 @@ class FileActor(_HandleActor):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        # None: "at end of file, not yet known" — after an O_APPEND write the daemon
-        # wrote at the end, wherever that was, and only a GETATTR tells.
-        self.position: int | None = 0
+        self.position = 0
         self.directory = bool(self.flags & os.O_DIRECTORY)
         # Sequential reads: where the last one through the file position ended, and the
         # READ already sent for what follows it (see _read_ahead).
@@ -192,20 +190,19 @@ class FileActor(_HandleActor):
             return rq.releasedir(nodeid, fh)
         return rq.release(nodeid, fh, flags)
 
-    def _data_handle(self) -> None:
-        """read/write need a file: Linux answers them with EISDIR on a directory."""
+    def _data_handle(self, *, write: bool) -> None:
+        """read/write need a file (EISDIR on a directory, as Linux) opened for that
+        (EBADF otherwise, as read(2)/write(2) on a descriptor opened the other way)."""
         if self.directory:
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        access = self.flags & os.O_ACCMODE
+        if access == (os.O_RDONLY if write else os.O_WRONLY):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
     def _size(self, ctx: m.Credentials | None) -> Generator[Future[Any], Any, int]:
         out = yield self._send(rq.getattr(self.nodeid, self.fh), ctx)
         size: int = out.attr.size
         return size
-
-    def _pos(self, ctx: m.Credentials | None) -> Generator[Future[Any], Any, int]:
-        if self.position is None:
-            self.position = yield from self._size(ctx)
-        return self.position
 
     def _changed(self) -> None:
         self._drop_ahead()
@@ -290,11 +287,11 @@ class FileActor(_HandleActor):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read(self, msg: m.Read) -> Task:
-        self._data_handle()
+        self._data_handle(write=False)
         if msg.offset is not None:
             return (yield from self._read_at(msg.offset, msg.size, None, msg.ctx)
                     ) if msg.size else b""
-        offset = yield from self._pos(msg.ctx)
+        offset = self.position
         data = yield from self._take_ahead(offset, msg.size, msg.ctx)
         if data is None:
             data = (yield from self._read_at(offset, msg.size, None, msg.ctx)
@@ -303,12 +300,12 @@ class FileActor(_HandleActor):
         return data
 
     def _readinto(self, msg: m.ReadInto) -> Task:
-        self._data_handle()
+        self._data_handle(write=False)
         buf = memoryview(msg.buffer).cast("B")
         if msg.offset is not None:
             return (yield from self._read_at(msg.offset, len(buf), buf, msg.ctx)
                     ) if len(buf) else 0
-        offset = yield from self._pos(msg.ctx)
+        offset = self.position
         # A read() just before may have sent one.
         data = yield from self._take_ahead(offset, len(buf), msg.ctx)
         if data is None:
@@ -375,29 +372,36 @@ class FileActor(_HandleActor):
     # -- write -----------------------------------------------------------------------------
 
     def _write(self, msg: m.Write) -> Task:
-        self._data_handle()
+        self._data_handle(write=True)
         data = memoryview(msg.data).cast("B")
         append = bool(self.flags & os.O_APPEND)
         if msg.offset is not None:
             offset = msg.offset
         else:
-            offset = 0 if append else (yield from self._pos(msg.ctx))
+            offset = 0 if append else self.position
 
         def send(off: int, n: int) -> Future[Any]:
             piece = data[off - offset:off - offset + n]
             return self._send(rq.write(self.nodeid, self.fh, off, piece), msg.ctx)
 
         chunks = self._chunks(offset, len(data), self.limits.max_write)
+        if not chunks:
+            return 0  # nothing written: the position stays (an O_APPEND one too)
         # With O_APPEND each WRITE lands at the then-current end: one at a time, so the
-        # pieces land in order.
+        # pieces land in order. Where the file position is then — the end right after
+        # the last piece, as Linux leaves it — a GETATTR sent behind the WRITEs says
+        # (the daemon serves a queue in order): no extra wait, no guess later.
         replies, error = yield from self._transfer(chunks, send, lambda out: out.size,
                                                    1 if append else WRITE_WINDOW)
-        if chunks:
-            self._changed()
+        self._changed()
         written = sum(out.size for out in replies)
         self._outcome(error, written)
         if msg.offset is None:
-            self.position = None if append else offset + written
+            if append:
+                self.position = (yield self._send(rq.getattr(self.nodeid, self.fh),
+                                                  msg.ctx)).attr.size
+            else:
+                self.position = offset + written
         return written
 
     # -- the rest --------------------------------------------------------------------------
@@ -407,10 +411,12 @@ class FileActor(_HandleActor):
         if whence == os.SEEK_SET:
             new = offset
         elif whence == os.SEEK_CUR:
-            new = (yield from self._pos(msg.ctx)) + offset
+            new = self.position + offset
         elif whence == os.SEEK_END:
             new = (yield from self._size(msg.ctx)) + offset
         elif whence in (SEEK_DATA, SEEK_HOLE):
+            if offset < 0:
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))  # as Linux's lseek
             out = yield self._send(rq.lseek(self.nodeid, self.fh, offset, whence), msg.ctx)
             new = out.offset
         else:

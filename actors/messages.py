@@ -24,13 +24,16 @@ Timespec = tuple[int, int]
 Credentials = tuple[int, int, int]
 
 
-class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
     """Base of all actor messages.
 
     ``ctx``: the (uid, gid, pid) the daemon should act as for this operation — the FUSE
-    request context a kernel would send. None: the session's default (this process)."""
+    request context a kernel would send. None: the session's default (this process).
+    ``groups``: that caller's supplementary groups, for the permission checks the client
+    makes (FUSE requests carry none)."""
 
     ctx: Credentials | None = None
+    groups: tuple[int, ...] | None = None
 
 
 # -- device actor ----------------------------------------------------------------------

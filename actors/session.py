@@ -33,7 +33,7 @@ import os
 import stat as stat_mod
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pykka
 
@@ -57,7 +57,12 @@ from pyvirtiofs.actors.walk import (
     split_path,
 )
 from pyvirtiofs.codec import fuse_requests as rq
-from pyvirtiofs.codec.fuse_abi import FUSE_ROOT_ID, MIN_MINOR, RENAME_EXCHANGE
+from pyvirtiofs.codec.fuse_abi import (
+    FUSE_ROOT_ID,
+    MIN_MINOR,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+)
 from pyvirtiofs.codec.fuse_types import Attr, Dirent, DirentPlus, EntryOut, InitOut
 from pyvirtiofs.hw.transport import DeviceGone
 
@@ -108,11 +113,28 @@ def _with_paths(exc: OSError, path: Any, path2: Any = None) -> OSError:
     return OSError(exc.errno, text, path)
 
 
-def caller_cred(ctx: m.Credentials | None) -> Cred:
+class Who(NamedTuple):
+    """A request's caller: the credentials its FUSE requests carry (None: this process's)
+    and who the client's permission checks are for."""
+
+    ctx: m.Credentials | None
+    cred: Cred
+
+
+def _who(msg: Any) -> Who:
+    return Who(msg.ctx, caller_cred(msg.ctx, msg.groups))
+
+
+#: This process itself (the session's own requests: INIT, mount points).
+def _self() -> Who:
+    return Who(None, caller_cred(None))
+
+
+def caller_cred(ctx: m.Credentials | None, groups: tuple[int, ...] | None = None) -> Cred:
     """Who a request acts for: its credentials, or this process's."""
     if ctx is None:
         return Cred(os.geteuid(), os.getegid(), frozenset(os.getgroups()))
-    return Cred(ctx[0], ctx[1], frozenset())
+    return Cred(ctx[0], ctx[1], frozenset(groups or ()))
 
 
 class SessionActor(InlineActor):
@@ -166,13 +188,13 @@ class SessionActor(InlineActor):
         root = self.table.node(FUSE_ROOT_ID)
         self.table.pin(root)
         if root.attr is None:
-            yield from self._attr(root, None)
+            yield from self._attr(root, _self())
         base = root
         if self.config.root and self.config.root.strip("/"):
             self.mounts = {b"": FUSE_ROOT_ID}
             walk = self._walk(self.config.root)
             try:
-                found = yield from self._resolve(walk, None)
+                found = yield from self._resolve(walk, _self())
                 base = found.node
                 assert base is not None
                 if not base.is_dir():
@@ -200,7 +222,7 @@ class SessionActor(InlineActor):
                 continue
             if entry.type != stat_mod.S_IFDIR >> 12:
                 continue
-            node = yield from self._lookup(base.nodeid, name, None)
+            node = yield from self._lookup(base.nodeid, name, _self())
             self.table.pin(node)  # mount roots are never evicted
             mounts[name] = node.nodeid
         return mounts
@@ -256,7 +278,7 @@ class SessionActor(InlineActor):
     def _learn(self, parent: int, name: bytes, entry: EntryOut) -> Node:
         return self.table.learn(parent, name, entry)
 
-    def _lookup(self, parent: int, name: bytes, ctx: m.Credentials | None,
+    def _lookup(self, parent: int, name: bytes, who: Who,
                 ) -> Generator[Future[Any], Any, Node]:
         """The node ``name`` in ``parent`` names (cache, else LOOKUP): FileNotFoundError
         when absent."""
@@ -264,7 +286,7 @@ class SessionActor(InlineActor):
         if node is not None:
             return node
         try:
-            entry: EntryOut = yield self._send(rq.lookup(parent, name), ctx)
+            entry: EntryOut = yield self._send(rq.lookup(parent, name), who.ctx)
         except FileNotFoundError:
             self.table.drop_name(parent, name)
             raise
@@ -273,12 +295,12 @@ class SessionActor(InlineActor):
             raise _error(errno.ENOENT)
         return self._learn(parent, name, entry)
 
-    def _attr(self, node: Node, ctx: m.Credentials | None, *, fresh: bool = False,
+    def _attr(self, node: Node, who: Who, *, fresh: bool = False,
               ) -> Generator[Future[Any], Any, Attr]:
         attr = None if fresh else self.table.fresh_attr(node)
         if attr is not None:
             return attr
-        out = yield self._send(rq.getattr(node.nodeid), ctx)
+        out = yield self._send(rq.getattr(node.nodeid), who.ctx)
         self.table.set_attr(node, out.attr, out.attr_valid, out.attr_valid_nsec)
         return out.attr
 
@@ -290,7 +312,7 @@ class SessionActor(InlineActor):
     # -- walking ---------------------------------------------------------------------------
 
     def _walk(self, path: m.PathArg, *, mode: str = LOOKUP, follow: bool = True,
-              ctx: m.Credentials | None = None) -> Walk:
+              who: Who | None = None) -> Walk:
         """A walk of ``path`` from its mount root (see :mod:`pyvirtiofs.actors.walk`)."""
         parts, trailing = split_path(os.fsencode(path))
         if b"" in self.mounts:
@@ -306,11 +328,11 @@ class SessionActor(InlineActor):
             if mounted is None:
                 raise _error(errno.ENOENT)
             root, parts = mounted, parts[1:]
-        cred = None if ctx is None else caller_cred(ctx)
+        cred = None if who is None else who.cred
         return Walk(self.table, self.table.node(root), parts, mode=mode, follow=follow,
                     trailing=trailing, cred=cred)
 
-    def _resolve(self, walk: Walk, ctx: m.Credentials | None,
+    def _resolve(self, walk: Walk, who: Who,
                  ) -> Generator[Future[Any], Any, Resolved]:
         """Drive ``walk`` to its end, asking the device what it needs."""
         while True:
@@ -319,66 +341,78 @@ class SessionActor(InlineActor):
                 return need
             if isinstance(need, NeedLookup):
                 try:
-                    node: Node | None = yield from self._lookup(need.parent, need.name, ctx)
+                    node: Node | None = yield from self._lookup(need.parent, need.name, who)
                 except FileNotFoundError:
                     node = None
                 walk.found(node)
             elif isinstance(need, NeedReadlink):
-                walk.link_target((yield self._send(rq.readlink(need.nodeid), ctx)))
+                walk.link_target((yield self._send(rq.readlink(need.nodeid), who.ctx)))
             elif isinstance(need, NeedAttr):
                 node = self.table.get(need.nodeid)
                 assert node is not None  # the walk pins what it waits on
-                yield from self._attr(node, ctx, fresh=True)
+                yield from self._attr(node, who, fresh=True)
                 walk.resume()
 
-    def _node_at(self, path: m.PathArg, ctx: m.Credentials | None, *, follow: bool = True,
+    def _node_at(self, path: m.PathArg, who: Who, *, follow: bool = True,
                  ) -> Generator[Future[Any], Any, tuple[Walk, Node]]:
         """Resolve ``path`` to a node; the caller releases the walk (it pins the node)."""
-        walk = self._walk(path, follow=follow, ctx=ctx)
+        walk = self._walk(path, follow=follow, who=who)
         try:
-            found = yield from self._resolve(walk, ctx)
+            found = yield from self._resolve(walk, who)
         except BaseException:
             walk.release()
             raise
         assert found.node is not None
         return walk, found.node
 
-    def _parent_of(self, path: m.PathArg, ctx: m.Credentials | None,
+    def _parent_of(self, path: m.PathArg, who: Who,
                    ) -> Generator[Future[Any], Any, tuple[Walk, Resolved]]:
         """The directory that holds ``path``'s last component, and that component."""
-        walk = self._walk(path, mode=PARENT, ctx=ctx)
+        walk = self._walk(path, mode=PARENT, who=who)
         try:
-            found = yield from self._resolve(walk, ctx)
+            found = yield from self._resolve(walk, who)
         except BaseException:
             walk.release()
             raise
         return walk, found
 
-    def _may_change(self, directory: Node, ctx: m.Credentials | None,
+    def _may_change(self, directory: Node, who: Who,
                     ) -> Generator[Future[Any], Any, None]:
         """Adding or removing a name in ``directory`` needs write and search permission."""
-        cred = caller_cred(ctx)
+        cred = who.cred
         if not cred.root:
-            require((yield from self._attr(directory, ctx)), cred, W | X)
+            require((yield from self._attr(directory, who)), cred, W | X)
 
-    def _may_remove(self, directory: Node, victim: Node, ctx: m.Credentials | None,
+    def _may_create(self, directory: Node, name: bytes, who: Who,
+                    ) -> Generator[Future[Any], Any, None]:
+        """Creating ``name``: a name that exists is EEXIST before any permission check
+        (as Linux's filename_create); the daemon would say EEXIST too, so only a caller
+        whose permissions are checked pays the LOOKUP that tells."""
+        if who.cred.root:
+            return
+        error = yield from self._absent_or_exists(directory, name, who)
+        if error.errno == errno.EEXIST:
+            raise error
+        yield from self._may_change(directory, who)
+
+    def _may_remove(self, directory: Node, victim: Node, who: Who,
                     ) -> Generator[Future[Any], Any, None]:
         """Removing or renaming ``victim`` out of ``directory``: write and search on the
         directory, and the sticky-bit rule."""
-        cred = caller_cred(ctx)
+        cred = who.cred
         if cred.root:
             return
-        dir_attr = yield from self._attr(directory, ctx)
+        dir_attr = yield from self._attr(directory, who)
         require(dir_attr, cred, W | X)
-        if not may_delete(dir_attr, (yield from self._attr(victim, ctx)), cred):
+        if not may_delete(dir_attr, (yield from self._attr(victim, who)), cred):
             raise _error(errno.EPERM)
 
-    def _absent_or_exists(self, parent: Node, name: bytes, ctx: m.Credentials | None,
+    def _absent_or_exists(self, parent: Node, name: bytes, who: Who,
                           ) -> Generator[Future[Any], Any, OSError]:
         """A name with a trailing slash cannot be created as a non-directory: EEXIST when
         it exists, ENOENT when it does not (as Linux's filename_create)."""
         try:
-            yield from self._lookup(parent.nodeid, name, ctx)
+            yield from self._lookup(parent.nodeid, name, who)
         except FileNotFoundError:
             return _error(errno.ENOENT)
         return _error(errno.EEXIST)
@@ -412,10 +446,11 @@ class SessionActor(InlineActor):
                 self.published.data_changed()  # a truncation: drop every read-ahead
 
     def _stat(self, msg: m.Stat) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx, follow=msg.follow)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who, follow=msg.follow)
         try:
-            attr = yield from self._attr(node, msg.ctx)
-            if msg.ctx is None:
+            attr = yield from self._attr(node, who)
+            if who.ctx is None:
                 # Publish for lock-free warm stats, valid while both the attributes and
                 # the names that led here are (the daemon's attr and entry timeouts).
                 self.published.put(os.fsencode(msg.path), msg.follow, attr.to_stat_result(),
@@ -425,42 +460,44 @@ class SessionActor(InlineActor):
             walk.release()
 
     def _access(self, msg: m.Access) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who)
         try:
             if msg.mode == os.F_OK:
                 return None
             # As the kernel with default_permissions: checked here, from the mode bits.
-            attr = yield from self._attr(node, msg.ctx)
-            if not may(attr, caller_cred(msg.ctx), msg.mode & (R | W | X)):
+            attr = yield from self._attr(node, who)
+            if not may(attr, who.cred, msg.mode & (R | W | X)):
                 raise _error(errno.EACCES)
             return None
         finally:
             walk.release()
 
     def _readlink(self, msg: m.ReadLink) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx, follow=False)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who, follow=False)
         try:
             if not node.is_link():
                 raise _error(errno.EINVAL)
-            target: bytes = yield self._send(rq.readlink(node.nodeid), msg.ctx)
+            target: bytes = yield self._send(rq.readlink(node.nodeid), who.ctx)
             return target
         finally:
             walk.release()
 
-    def _new_entry(self, path: m.PathArg, ctx: m.Credentials | None, request_for: Any, *,
+    def _new_entry(self, path: m.PathArg, who: Who, request_for: Any, *,
                    directory: bool = False) -> Task:
         """Create a name (mkdir, mknod, symlink, link): the parent is resolved, the name
         checked as Linux does, then ``request_for(parent_id, name)`` is sent."""
-        walk, found = yield from self._parent_of(path, ctx)
+        walk, found = yield from self._parent_of(path, who)
         try:
             parent, name = found.parent, found.name
             assert parent is not None
             if name in _SPECIAL:
                 raise _error(errno.EEXIST)
             if found.trailing and not directory:
-                raise (yield from self._absent_or_exists(parent, name, ctx))
-            yield from self._may_change(parent, ctx)
-            entry: EntryOut = yield self._send(request_for(parent.nodeid, name), ctx)
+                raise (yield from self._absent_or_exists(parent, name, who))
+            yield from self._may_create(parent, name, who)
+            entry: EntryOut = yield self._send(request_for(parent.nodeid, name), who.ctx)
             self._invalidate(parent.nodeid)
             node = self._learn(parent.nodeid, name, entry)
             return node.attr or entry.attr
@@ -468,74 +505,82 @@ class SessionActor(InlineActor):
             walk.release()
 
     def _mkdir(self, msg: m.MakeDir) -> Task:
+        who = _who(msg)
         mode = msg.mode & ~msg.umask & 0o7777
         return (yield from self._new_entry(
-            msg.path, msg.ctx, lambda p, n: rq.mkdir(p, n, mode, 0), directory=True))
+            msg.path, who, lambda p, n: rq.mkdir(p, n, mode, 0), directory=True))
 
     def _mknod(self, msg: m.MakeNode) -> Task:
+        who = _who(msg)
         mode = stat_mod.S_IFMT(msg.mode) | (msg.mode & ~msg.umask & 0o7777)
         if not stat_mod.S_IFMT(mode):
             mode |= stat_mod.S_IFREG
         return (yield from self._new_entry(
-            msg.path, msg.ctx, lambda p, n: rq.mknod(p, n, mode, msg.rdev, 0)))
+            msg.path, who, lambda p, n: rq.mknod(p, n, mode, msg.rdev, 0)))
 
     def _symlink(self, msg: m.Symlink) -> Task:
+        who = _who(msg)
         target = os.fsencode(msg.target)
         return (yield from self._new_entry(
-            msg.path, msg.ctx, lambda p, n: rq.symlink(p, n, target)))
+            msg.path, who, lambda p, n: rq.symlink(p, n, target)))
 
     def _link(self, msg: m.Link) -> Task:
-        walk, src = yield from self._node_at(msg.src, msg.ctx, follow=False)
+        who = _who(msg)
+        walk, src = yield from self._node_at(msg.src, who, follow=False)
         try:
             if src.is_dir():
                 # No hard links to directories; but a name that exists is EEXIST first.
-                dwalk, found = yield from self._parent_of(msg.dst, msg.ctx)
+                dwalk, found = yield from self._parent_of(msg.dst, who)
                 try:
                     if found.name in _SPECIAL:
                         raise _error(errno.EEXIST)
                     assert found.parent is not None
                     error = yield from self._absent_or_exists(found.parent, found.name,
-                                                              msg.ctx)
+                                                              who)
                 finally:
                     dwalk.release()
-                raise error if error.errno == errno.EEXIST else _error(errno.EPERM)
+                # "dst/" is ENOENT or EEXIST whatever the source; a free name, EPERM.
+                raise error if found.trailing or error.errno == errno.EEXIST else _error(
+                    errno.EPERM)
             attr = yield from self._new_entry(
-                msg.dst, msg.ctx, lambda p, n: rq.link(src.nodeid, p, n))
+                msg.dst, who, lambda p, n: rq.link(src.nodeid, p, n))
             self._invalidate(src.nodeid)
             return attr
         finally:
             walk.release()
 
-    def _victim(self, parent: Node, name: bytes, ctx: m.Credentials | None,
+    def _victim(self, parent: Node, name: bytes, who: Who,
                 ) -> Generator[Future[Any], Any, Node]:
         # virtiofsd finds a victim in its inode table: it must have been looked up (the
         # kernel always has a dentry for it); otherwise the daemon answers EIO.
-        victim = yield from self._lookup(parent.nodeid, name, ctx)
+        victim = yield from self._lookup(parent.nodeid, name, who)
         if victim.kind == 0:
-            yield from self._attr(victim, ctx)
+            yield from self._attr(victim, who)
         return victim
 
     def _unlink(self, msg: m.Unlink) -> Task:
-        walk, found = yield from self._parent_of(msg.path, msg.ctx)
+        who = _who(msg)
+        walk, found = yield from self._parent_of(msg.path, who)
         try:
             parent, name = found.parent, found.name
             assert parent is not None
             if name in _SPECIAL:
                 raise _error(errno.EISDIR)
-            victim = yield from self._victim(parent, name, msg.ctx)
+            victim = yield from self._victim(parent, name, who)
+            if found.trailing:  # "x/": never a file to unlink
+                raise _error(errno.EISDIR if victim.is_dir() else errno.ENOTDIR)
+            yield from self._may_remove(parent, victim, who)  # permission before type
             if victim.is_dir():
                 raise _error(errno.EISDIR)
-            if found.trailing:
-                raise _error(errno.ENOTDIR)  # "file/": not a directory
-            yield from self._may_remove(parent, victim, msg.ctx)
-            yield self._send(rq.unlink(parent.nodeid, name), msg.ctx)
+            yield self._send(rq.unlink(parent.nodeid, name), who.ctx)
             self._after_remove(parent, name, victim)
             return None
         finally:
             walk.release()
 
     def _rmdir(self, msg: m.RemoveDir) -> Task:
-        walk, found = yield from self._parent_of(msg.path, msg.ctx)
+        who = _who(msg)
+        walk, found = yield from self._parent_of(msg.path, who)
         try:
             parent, name = found.parent, found.name
             assert parent is not None
@@ -545,11 +590,11 @@ class SessionActor(InlineActor):
                 raise _error(errno.ENOTEMPTY)
             if name == ROOT_NAME:
                 raise _error(errno.EBUSY)
-            victim = yield from self._victim(parent, name, msg.ctx)
+            victim = yield from self._victim(parent, name, who)
+            yield from self._may_remove(parent, victim, who)  # permission before type
             if not victim.is_dir():
                 raise _error(errno.ENOTDIR)
-            yield from self._may_remove(parent, victim, msg.ctx)
-            yield self._send(rq.rmdir(parent.nodeid, name), msg.ctx)
+            yield self._send(rq.rmdir(parent.nodeid, name), who.ctx)
             self._after_remove(parent, name, victim)
             return None
         finally:
@@ -560,43 +605,63 @@ class SessionActor(InlineActor):
         self._invalidate(parent.nodeid, victim.nodeid)
 
     def _rename(self, msg: m.Rename) -> Task:
-        swalk, sfound = yield from self._parent_of(msg.src, msg.ctx)
+        who = _who(msg)
+        swalk, sfound = yield from self._parent_of(msg.src, who)
         try:
-            dwalk, dfound = yield from self._parent_of(msg.dst, msg.ctx)
+            dwalk, dfound = yield from self._parent_of(msg.dst, who)
             try:
-                return (yield from self._rename_resolved(msg, sfound, dfound))
+                return (yield from self._rename_resolved(msg, who, swalk, sfound, dwalk,
+                                                         dfound))
             finally:
                 dwalk.release()
         finally:
             swalk.release()
 
-    def _rename_resolved(self, msg: m.Rename, sfound: Resolved, dfound: Resolved) -> Task:
+    def _rename_resolved(self, msg: m.Rename, who: Who, swalk: Walk, sfound: Resolved,
+                         dwalk: Walk, dfound: Resolved) -> Task:
+        """rename(2)'s checks in Linux's order, so the same call fails the same way."""
         sparent, sname = sfound.parent, sfound.name
         dparent, dname = dfound.parent, dfound.name
         assert sparent is not None and dparent is not None
-        if sname in _SPECIAL or dname in _SPECIAL:
+        exchange = bool(msg.flags & RENAME_EXCHANGE)
+        if sname in _SPECIAL:
             raise _error(errno.EBUSY)
-        src = yield from self._victim(sparent, sname, msg.ctx)
-        if (sfound.trailing or dfound.trailing) and not src.is_dir():
-            raise _error(errno.ENOTDIR)
+        if dname in _SPECIAL:
+            raise _error(errno.EEXIST if msg.flags & RENAME_NOREPLACE else errno.EBUSY)
+        src = yield from self._victim(sparent, sname, who)
         # The destination too, as the kernel has it: with RENAME_EXCHANGE the daemon
         # needs it, and a file replaced here may have other names whose count drops.
         try:
-            dst: Node | None = yield from self._victim(dparent, dname, msg.ctx)
+            dst: Node | None = yield from self._victim(dparent, dname, who)
         except FileNotFoundError:
-            if msg.flags & RENAME_EXCHANGE:
+            if exchange:
                 raise
             dst = None
-        yield from self._may_remove(sparent, src, msg.ctx)
-        if dst is not None:
-            yield from self._may_remove(dparent, dst, msg.ctx)
-        else:
-            yield from self._may_change(dparent, msg.ctx)
-        yield self._send(rq.rename(sparent.nodeid, sname, dparent.nodeid, dname, msg.flags),
-                         msg.ctx)
-        self._invalidate(sparent.nodeid, dparent.nodeid, src.nodeid)
+        if msg.flags & RENAME_NOREPLACE and dst is not None:
+            raise _error(errno.EEXIST)
+        slashes = sfound.trailing or dfound.trailing
+        if slashes and (not src.is_dir() or (exchange and dst is not None
+                                             and not dst.is_dir())):
+            raise _error(errno.ENOTDIR)  # "x/" names a directory, on either side
+        if any(n is src for n in dwalk.stack):
+            raise _error(errno.EINVAL)  # a directory into itself
+        if dst is not None and any(n is dst for n in swalk.stack):
+            raise _error(errno.EINVAL if exchange else errno.ENOTEMPTY)
         if dst is not None and dst.nodeid == src.nodeid:
-            return None  # two names of one file: rename(2) leaves both
+            return None  # two names of one file: rename(2) does nothing, checks nothing
+        yield from self._may_remove(sparent, src, who)
+        if dst is not None:
+            yield from self._may_remove(dparent, dst, who)
+        else:
+            yield from self._may_change(dparent, who)
+        if not who.cred.root and sparent is not dparent:
+            # A directory moving elsewhere has its ".." rewritten: write permission on it.
+            for moved in (src, dst) if exchange else (src,):
+                if moved is not None and moved.is_dir():
+                    require((yield from self._attr(moved, who)), who.cred, W)
+        yield self._send(rq.rename(sparent.nodeid, sname, dparent.nodeid, dname, msg.flags),
+                         who.ctx)
+        self._invalidate(sparent.nodeid, dparent.nodeid, src.nodeid)
         # Move the cached names along (the kernel's d_move) rather than forget and look
         # the nodes up again.
         if msg.flags & RENAME_EXCHANGE:
@@ -612,7 +677,8 @@ class SessionActor(InlineActor):
         return None
 
     def _setattr(self, msg: m.SetAttr) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx, follow=msg.follow)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who, follow=msg.follow)
         try:
             kwargs: dict[str, Any] = {}
             if msg.size is not None:
@@ -629,30 +695,32 @@ class SessionActor(InlineActor):
                     kwargs[f"{which}_now"] = True
                 elif value is not None:
                     kwargs[which] = tuple(value)
-            attr = yield from self._attr(node, msg.ctx)
+            attr = yield from self._attr(node, who)
             if not kwargs:
                 return attr
-            _may_setattr(attr, caller_cred(msg.ctx), kwargs)
-            out = yield self._send(rq.setattr(node.nodeid, **kwargs), msg.ctx)
+            _may_setattr(attr, who.cred, kwargs)
+            out = yield self._send(rq.setattr(node.nodeid, **kwargs), who.ctx)
             self.table.set_attr(node, out.attr, out.attr_valid, out.attr_valid_nsec)
             return out.attr
         finally:
             walk.release()
 
     def _statfs(self, msg: m.StatFs) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who)
         try:
-            return (yield self._send(rq.statfs(node.nodeid), msg.ctx))
+            return (yield self._send(rq.statfs(node.nodeid), who.ctx))
         finally:
             walk.release()
 
     def _xattr_node(self, msg: Any, want: int) -> Generator[Future[Any], Any,
                                                             tuple[Walk, Node]]:
-        walk, node = yield from self._node_at(msg.path, msg.ctx, follow=msg.follow)
-        cred = caller_cred(msg.ctx)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who, follow=msg.follow)
+        cred = who.cred
         if not cred.root:
             try:
-                attr = yield from self._attr(node, msg.ctx)
+                attr = yield from self._attr(node, who)
                 if want & W and not cred.root and cred.uid != attr.uid and \
                         stat_mod.S_ISDIR(attr.mode) and attr.mode & stat_mod.S_ISVTX:
                     raise _error(errno.EPERM)
@@ -663,40 +731,44 @@ class SessionActor(InlineActor):
         return walk, node
 
     def _getxattr(self, msg: m.GetXattr) -> Task:
+        who = _who(msg)
         walk, node = yield from self._xattr_node(msg, R)
         try:
             name = os.fsencode(msg.name)
-            size = (yield self._send(rq.getxattr(node.nodeid, name, 0), msg.ctx)).size
+            size = (yield self._send(rq.getxattr(node.nodeid, name, 0), who.ctx)).size
             if size == 0:
                 return b""
-            return (yield self._send(rq.getxattr(node.nodeid, name, size), msg.ctx))
+            return (yield self._send(rq.getxattr(node.nodeid, name, size), who.ctx))
         finally:
             walk.release()
 
     def _setxattr(self, msg: m.SetXattr) -> Task:
+        who = _who(msg)
         walk, node = yield from self._xattr_node(msg, W)
         try:
             yield self._send(rq.setxattr(node.nodeid, os.fsencode(msg.name), msg.value,
-                                         msg.flags), msg.ctx)
+                                         msg.flags), who.ctx)
             self._invalidate(node.nodeid)
             return None
         finally:
             walk.release()
 
     def _listxattr(self, msg: m.ListXattr) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx, follow=msg.follow)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who, follow=msg.follow)
         try:
-            size = (yield self._send(rq.listxattr(node.nodeid, 0), msg.ctx)).size
+            size = (yield self._send(rq.listxattr(node.nodeid, 0), who.ctx)).size
             if size == 0:
                 return []
-            return (yield self._send(rq.listxattr(node.nodeid, size), msg.ctx))
+            return (yield self._send(rq.listxattr(node.nodeid, size), who.ctx))
         finally:
             walk.release()
 
     def _removexattr(self, msg: m.RemoveXattr) -> Task:
+        who = _who(msg)
         walk, node = yield from self._xattr_node(msg, W)
         try:
-            yield self._send(rq.removexattr(node.nodeid, os.fsencode(msg.name)), msg.ctx)
+            yield self._send(rq.removexattr(node.nodeid, os.fsencode(msg.name)), who.ctx)
             self._invalidate(node.nodeid)
             return None
         finally:
@@ -705,50 +777,58 @@ class SessionActor(InlineActor):
     # -- opening handles -------------------------------------------------------------------
 
     def _open(self, msg: m.Open) -> Task:
+        who = _who(msg)
         flags = msg.flags
+        if flags & os.O_CREAT and flags & os.O_DIRECTORY:
+            raise _error(errno.EINVAL)  # as Linux (6.4 on) refuses it before any lookup
         if flags & os.O_CREAT and flags & os.O_EXCL:
             # O_EXCL: whatever is there, even a symlink, makes it fail (the daemon's
             # EEXIST), and nothing is followed.
-            walk, found = yield from self._parent_of(msg.path, msg.ctx)
+            walk, found = yield from self._parent_of(msg.path, who)
             if found.trailing or found.name in _SPECIAL:
                 walk.release()
-                raise _error(errno.EISDIR)
+                # "x/" is EISDIR; ".", ".." and the root exist: EEXIST (as Linux).
+                raise _error(errno.EISDIR if found.trailing and found.name not in _SPECIAL
+                             else errno.EEXIST)
         elif flags & os.O_CREAT:
             walk = self._walk(msg.path, mode=CREATE, follow=not flags & os.O_NOFOLLOW,
-                              ctx=msg.ctx)
+                              who=who)
             try:
-                found = yield from self._resolve(walk, msg.ctx)
+                found = yield from self._resolve(walk, who)
             except BaseException:
                 walk.release()
                 raise
         else:
-            walk, node = yield from self._node_at(msg.path, msg.ctx,
+            walk, node = yield from self._node_at(msg.path, who,
                                                   follow=not flags & os.O_NOFOLLOW)
             found = Resolved(node, None, b"", False)
         try:
             if found.node is not None:
-                return (yield from self._open_node(found.node, flags, msg.ctx,
+                return (yield from self._open_node(found.node, flags, who,
                                                    creating=bool(flags & os.O_CREAT)))
             parent, name = found.parent, found.name
             assert parent is not None
-            yield from self._may_change(parent, msg.ctx)
+            if flags & os.O_EXCL:
+                yield from self._may_create(parent, name, who)
+            else:  # CREATE mode already found the name absent
+                yield from self._may_change(parent, who)
             mode = msg.mode & ~msg.umask & 0o7777
             # Never O_CREAT in CREATE's flags: the C daemon adds it itself, and when the
             # name exists it re-opens with these flags, and openat(O_CREAT) without a
             # mode aborts it (glibc fortify). The kernel only sends CREATE for absent
             # names.
             out = yield self._send(rq.create(parent.nodeid, name, flags & ~_O_STRIP_CREATE,
-                                             mode, 0), msg.ctx)
+                                             mode, 0), who.ctx)
             self._invalidate(parent.nodeid)
             node = self._learn(parent.nodeid, name, out.entry)
             return self._opened(node, out.open.fh, flags)
         finally:
             walk.release()
 
-    def _open_node(self, node: Node, flags: int, ctx: m.Credentials | None, *,
+    def _open_node(self, node: Node, flags: int, who: Who, *,
                    creating: bool) -> Task:
         """OPEN of a node that exists, with open(2)'s checks of its type."""
-        attr = yield from self._attr(node, ctx)
+        attr = yield from self._attr(node, who)
         mode = attr.mode
         writes = flags & (os.O_WRONLY | os.O_RDWR)
         if stat_mod.S_ISLNK(mode):
@@ -757,7 +837,7 @@ class SessionActor(InlineActor):
             raise _error(errno.EISDIR)
         if flags & os.O_DIRECTORY and not stat_mod.S_ISDIR(mode):
             raise _error(errno.ENOTDIR)
-        cred = caller_cred(ctx)
+        cred = who.cred
         if not cred.root:
             access = flags & os.O_ACCMODE
             want = (R if access in (os.O_RDONLY, os.O_RDWR) else 0) | (
@@ -766,9 +846,9 @@ class SessionActor(InlineActor):
         if stat_mod.S_ISDIR(mode):
             # As the kernel does: a directory is opened with OPENDIR even by open(2); the
             # file actor then answers read/write with EISDIR and releases with RELEASEDIR.
-            opened = yield self._send(rq.opendir(node.nodeid), ctx)
+            opened = yield self._send(rq.opendir(node.nodeid), who.ctx)
             return self._opened(node, opened.fh, flags, handle_flags=flags | os.O_DIRECTORY)
-        opened = yield self._send(rq.open(node.nodeid, flags & ~_O_STRIP), ctx)
+        opened = yield self._send(rq.open(node.nodeid, flags & ~_O_STRIP), who.ctx)
         if flags & os.O_TRUNC:
             self._invalidate(node.nodeid)
         return self._opened(node, opened.fh, flags)
@@ -780,15 +860,16 @@ class SessionActor(InlineActor):
         return m.OpenedFile(actor=ref, nodeid=node.nodeid, flags=flags, attr=node.attr)
 
     def _opendir(self, msg: m.OpenDir) -> Task:
-        walk, node = yield from self._node_at(msg.path, msg.ctx)
+        who = _who(msg)
+        walk, node = yield from self._node_at(msg.path, who)
         try:
-            attr = yield from self._attr(node, msg.ctx)
+            attr = yield from self._attr(node, who)
             if not stat_mod.S_ISDIR(attr.mode):
                 raise _error(errno.ENOTDIR)
-            cred = caller_cred(msg.ctx)
+            cred = who.cred
             if not cred.root:
                 require(attr, cred, R)
-            opened = yield self._send(rq.opendir(node.nodeid), msg.ctx)
+            opened = yield self._send(rq.opendir(node.nodeid), who.ctx)
             ref = self._start_handle(DirectoryActor, node, opened.fh, 0)
             return m.OpenedDir(actor=ref, nodeid=node.nodeid)
         finally:

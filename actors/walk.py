@@ -121,8 +121,6 @@ class Walk:
         self._create_here = False  # CREATE: the last component does not exist
         self._found_existing = False  # CREATE: it does
         self._enter(root)
-        if mode == CREATE and trailing:
-            raise _error(errno.EISDIR)  # open("x/", O_CREAT)
 
     # -- the driver's side ------------------------------------------------------------------
 
@@ -201,10 +199,11 @@ class Walk:
             if need is not None:
                 return need
             last = len(self.todo) == 1
-            if self.mode != LOOKUP and last and (self.mode == PARENT
-                                                 or name in (b".", b"..")):
-                if self.mode == CREATE:
-                    raise _error(errno.EISDIR)  # open("dir/..", O_CREAT)
+            if self.mode == CREATE and last and (self.trailing or name in (b".", b"..")):
+                # open("x/", O_CREAT), open("dir/..", O_CREAT): once the directories
+                # before it were found (a missing one is ENOENT first).
+                raise _error(errno.EISDIR)
+            if self.mode == PARENT and last:
                 return Resolved(None, here, name, self.trailing)
             if name == b".":
                 self.todo.pop()

@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import errno
 import io
 import os
 import stat as stat_mod
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
+
 from pyvirtiofs.actors import messages as m
-from pyvirtiofs.codec.fuse_types import Attr, DirentPlus
+from pyvirtiofs.api.copying import ShutilMixin
+from pyvirtiofs.api.entries import DirEntry, ScandirIterator
+from pyvirtiofs.api.files import RawFile, mode_to_flags
+from pyvirtiofs.api.ospath import OsPathMixin
+from pyvirtiofs.api.paths import path_class
+from pyvirtiofs.codec.fuse_types import Attr
 
 __all__ = ["DirEntry", "PathLike", "RawFile", "ShareFS"]
 
 PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
-_DT_DIR = stat_mod.S_IFDIR >> 12
-_DT_LNK = stat_mod.S_IFLNK >> 12
-_DT_REG = stat_mod.S_IFREG >> 12
 
 
 def _p(path: PathLike) -> bytes:
@@ -36,13 +40,33 @@ def _p(path: PathLike) -> bytes:
     return os.fsencode(path)
 
 
-class ShareFS(abc.ABC):
+class ShareFS(OsPathMixin, ShutilMixin, abc.ABC):
     """A mounted share with the ``os`` module's names, arguments and exceptions.
 
     Subclasses implement the five transport hooks below; everything else is shared.
     """
 
     ctx: m.Credentials | None = None
+    groups: tuple[int, ...] = ()
+    _owner = True  # closing a view made by as_user() does not close the share
+
+    def as_user(self, uid: int, gid: int, pid: int | None = None,
+                groups: tuple[int, ...] | list[int] = ()) -> Any:
+        """A view of this share whose requests act as another user: the daemon creates
+        files owned by ``uid``/``gid``, and permissions are checked for them (with
+        ``groups`` as their supplementary groups), as the kernel checks them with
+        ``default_permissions``. Closing the view does not close the share."""
+        view = copy.copy(self)
+        view._owner = False
+        view.ctx = (uid, gid, os.getpid() if pid is None else pid)
+        view.groups = tuple(groups)
+        return view
+
+    def _as_caller(self, message: Any) -> Any:
+        """``message`` carrying this view's credentials (unchanged for the share's own)."""
+        if self.ctx is None or not hasattr(message, "groups"):  # not an operation
+            return message
+        return msgspec.structs.replace(message, ctx=self.ctx, groups=self.groups)
 
     # -- transport hooks ----------------------------------------------------------------------
 
@@ -94,17 +118,11 @@ class ShareFS(abc.ABC):
     def lstat(self, path: PathLike) -> os.stat_result:
         return self.stat(path, follow_symlinks=False)
 
-    def exists(self, path: PathLike) -> bool:
-        try:
-            self.stat(path)
-        except FileNotFoundError:
-            return False
-        return True
-
     def access(self, path: PathLike, mode: int) -> bool:
+        """As ``os.access``: True or False, never an error (a missing path, ``file/x`` …)."""
         try:
             self._ask(m.Access(path=_p(path), mode=mode))
-        except (PermissionError, FileNotFoundError):
+        except OSError:
             return False
         return True
 
@@ -116,13 +134,20 @@ class ShareFS(abc.ABC):
         self._ask(m.MakeDir(path=_p(path), mode=mode, umask=_umask()))
 
     def makedirs(self, path: PathLike, mode: int = 0o777, exist_ok: bool = False) -> None:
-        head, _tail = os.path.split(os.fsdecode(path).rstrip("/"))
-        if head and not self.exists(head):
-            self.makedirs(head, mode, exist_ok=True)
+        """As ``os.makedirs`` (the same steps, so the same errors: a file or a dangling
+        link in the way is FileExistsError)."""
+        head, tail = os.path.split(path)
+        if not tail:
+            head, tail = os.path.split(head)
+        if head and tail and not self.exists(head):
+            with contextlib.suppress(FileExistsError):  # made meanwhile: fine
+                self.makedirs(head, exist_ok=exist_ok)
+            if tail == (b"." if isinstance(tail, bytes) else "."):
+                return
         try:
             self.mkdir(path, mode)
-        except FileExistsError:
-            if not exist_ok or not stat_mod.S_ISDIR(self.stat(path).st_mode):
+        except OSError:
+            if not exist_ok or not self.isdir(path):
                 raise
 
     def mkfifo(self, path: PathLike, mode: int = 0o666) -> None:
@@ -212,13 +237,63 @@ class ShareFS(abc.ABC):
             self._close_handle(handle)
         return names if isinstance(path, bytes) else [os.fsdecode(n) for n in names]
 
-    def walk(self, top: PathLike = "/") -> Iterator[tuple[str, list[str], list[str]]]:
-        dirs, files = [], []
-        for entry in self.scandir(top):
-            (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
-        yield os.fsdecode(top), dirs, files
-        for d in dirs:
-            yield from self.walk(os.path.join(os.fsdecode(top), d))
+    def walk(self, top: PathLike = "/", topdown: bool = True,
+             onerror: Callable[[OSError], Any] | None = None,
+             followlinks: bool = False) -> Iterator[tuple[Any, list[Any], list[Any]]]:
+        """As ``os.walk``: a link to a directory is listed with the directories and
+        entered only with ``followlinks``; an unreadable directory (the top included) is
+        reported to ``onerror`` and skipped; ``topdown=False`` yields children first;
+        with ``topdown`` the caller may prune ``dirnames`` in place."""
+        stack: list[Any] = [top]
+        while stack:
+            top = stack.pop()
+            if isinstance(top, tuple):  # bottom-up: a directory whose children are done
+                yield top
+                continue
+            dirs: list[Any] = []
+            nondirs: list[Any] = []
+            walk_into: list[Any] = []
+            try:
+                it = self.scandir(top)
+            except OSError as error:
+                if onerror is not None:
+                    onerror(error)
+                continue
+            with it:
+                while True:
+                    try:
+                        entry = next(it)
+                    except StopIteration:
+                        break
+                    except OSError as error:
+                        if onerror is not None:
+                            onerror(error)
+                        break
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    (dirs if is_dir else nondirs).append(entry.name)
+                    if not topdown and is_dir:
+                        walk_into.append(entry)
+            if topdown:
+                yield top, dirs, nondirs
+                for name in reversed(dirs):
+                    path = os.path.join(top, name)
+                    if followlinks or not self.islink(path):
+                        stack.append(path)
+            else:
+                stack.append((top, dirs, nondirs))
+                for entry in reversed(walk_into):
+                    if followlinks or not entry.is_symlink():
+                        stack.append(entry.path)
+
+    def path(self, *parts: PathLike) -> Any:
+        """A ``pathlib``-style path bound to this share: ``fs.path("a") / "b.txt"``."""
+        cls = self.__dict__.get("_path_class")
+        if cls is None:
+            cls = self.__dict__["_path_class"] = path_class(self)
+        return cls("/", *[os.fsdecode(p) for p in parts])  # from the share's root
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -232,11 +307,13 @@ class ShareFS(abc.ABC):
              encoding: str | None = None, errors: str | None = None,
              newline: str | None = None) -> Any:
         """Like the built-in ``open`` (modes r/w/a/x, +, b/t)."""
-        flags, readable, writable = _mode_to_flags(mode)
+        flags, readable, writable = mode_to_flags(mode)
         raw = self.open_raw(path, flags)
         try:
             raw.readable_ = readable
             raw.writable_ = writable
+            if flags & os.O_APPEND:
+                raw.seek(0, os.SEEK_END)  # as the built-in open() does in mode "a"
             if buffering == 0:
                 if "b" not in mode:
                     raise ValueError("can't have unbuffered text I/O")
@@ -271,234 +348,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _mode_to_flags(mode: str) -> tuple[int, bool, bool]:
-    if not mode or len(set(mode)) != len(mode) or set(mode) - set("rwaxbt+"):
-        raise ValueError(f"invalid mode: {mode!r}")
-    kinds = [c for c in mode if c in "rwax"]
-    if len(kinds) != 1 or ("b" in mode and "t" in mode):
-        raise ValueError(f"invalid mode: {mode!r}")
-    plus = "+" in mode
-    kind = kinds[0]
-    rw = os.O_RDWR if plus else (os.O_RDONLY if kind == "r" else os.O_WRONLY)
-    extra = {"r": 0, "w": os.O_CREAT | os.O_TRUNC, "a": os.O_CREAT | os.O_APPEND,
-             "x": os.O_CREAT | os.O_EXCL}[kind]
-    return rw | extra, kind == "r" or plus, kind != "r" or plus
-
-
-class RawFile(io.RawIOBase):
-    """An unbuffered file on a share, backed by a file actor (no OS file descriptor).
-
-    As with built-in files, one that is garbage-collected unclosed is closed then (its
-    handle released) with a ``ResourceWarning``."""
-
-    _finalizing = False
-
-    def __init__(self, fs: ShareFS, handle: Any, name: str, flags: int) -> None:
-        super().__init__()
-        self._fs = fs
-        self._handle = handle
-        self.name = name
-        self.flags = flags
-        acc = flags & os.O_ACCMODE
-        self.readable_ = acc in (os.O_RDONLY, os.O_RDWR)
-        self.writable_ = acc in (os.O_WRONLY, os.O_RDWR)
-
-    def _ask(self, message: Any) -> Any:
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
-        return self._fs._ask_handle(self._handle, message, self.name)
-
-    def readable(self) -> bool:
-        return self.readable_
-
-    def writable(self) -> bool:
-        return self.writable_
-
-    def seekable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        raise io.UnsupportedOperation("a virtio-fs file has no OS file descriptor")
-
-    def readinto(self, buffer: Any) -> int:
-        if not self.readable_:
-            raise io.UnsupportedOperation("not readable")
-        return self._fs._readinto(self._handle, buffer, self.name)
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        if not self.readable_:
-            raise io.UnsupportedOperation("not readable")
-        return self._ask(m.Read(size=size))
-
-    def readall(self) -> bytes:
-        chunks = []
-        while chunk := self.read(4 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def pread(self, size: int, offset: int) -> bytes:
-        return self._ask(m.Read(size=size, offset=offset))
-
-    def write(self, data: Any) -> int:
-        if not self.writable_:
-            raise io.UnsupportedOperation("not writable")
-        return self._ask(m.Write(data=data))
-
-    def pwrite(self, data: Any, offset: int) -> int:
-        return self._ask(m.Write(data=data, offset=offset))
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._ask(m.Seek(offset=offset, whence=whence))
-
-    def tell(self) -> int:
-        return self.seek(0, os.SEEK_CUR)
-
-    def truncate(self, size: int | None = None) -> int:
-        if size is None:
-            size = self.tell()
-        self._ask(m.FTruncate(size=size))
-        return size
-
-    def stat(self) -> os.stat_result:
-        return self._ask(m.FStat()).to_stat_result()
-
-    def fsync(self, datasync: bool = False) -> None:
-        self._ask(m.FSync(datasync=datasync))
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self._fs._close_handle(self._handle, wait=not self._finalizing)
-            finally:
-                super().close()
-
-    def _dealloc_warn(self, source: Any) -> None:
-        """A buffered wrapper is being finalized unclosed (it calls this as it does for
-        FileIO): warn, and let its close() release without waiting."""
-        if not self.closed:
-            self._finalizing = True
-            warnings.warn(f"unclosed file {source!r}", ResourceWarning, stacklevel=2,
-                          source=source)
-
-    def __del__(self) -> None:
-        if getattr(self, "_fs", None) is None or self.closed:
-            return
-        if not self._finalizing:
-            self._finalizing = True
-            warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2,
-                          source=self)
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def __repr__(self) -> str:
-        return f"<pyvirtiofs.RawFile name={self.name!r}>"
-
-
-class ScandirIterator:
-    """What :meth:`ShareFS.scandir` returns (see ``os.scandir``): the directory is released
-    when the entries run out, on :meth:`close`, at the end of a ``with`` block, or — with
-    a ``ResourceWarning``, as ``os.scandir`` warns — when it is garbage-collected."""
-
-    def __init__(self, fs: ShareFS, handle: Any, path: PathLike) -> None:
-        self._fs = fs
-        self._handle: Any = handle
-        self._base = os.fsdecode(path)
-        self._as_bytes = isinstance(path, bytes)
-        self._batch: list[DirentPlus] = []
-        self._next = 0
-
-    def __iter__(self) -> ScandirIterator:
-        return self
-
-    def __next__(self) -> DirEntry:
-        while True:
-            if self._handle is None:
-                raise StopIteration
-            if self._next == len(self._batch):
-                self._batch = self._fs._ask_handle(self._handle, m.ReadDir(plus=True))
-                self._next = 0
-                if not self._batch:
-                    self.close()
-                    raise StopIteration
-            e = self._batch[self._next]
-            self._next += 1
-            if e.dirent.name not in (b".", b".."):
-                return DirEntry(self._fs, self._base, e.dirent.name, e, self._as_bytes)
-
-    def close(self, *, wait: bool = True) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._fs._close_handle(handle, wait=wait)
-
-    def __enter__(self) -> ScandirIterator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None) is not None:
-            warnings.warn(f"unclosed scandir iterator {self!r}", ResourceWarning,
-                          stacklevel=2, source=self)
-            with contextlib.suppress(Exception):
-                self.close(wait=False)  # a finalizer never waits
-
-
-class DirEntry:
-    """Like ``os.DirEntry``; attributes come with the READDIRPLUS reply."""
-
-    __slots__ = ("_attr", "_fs", "_lattr", "_raw", "name", "path")
-
-    def __init__(self, fs: ShareFS, base: str, raw_name: bytes, plus: DirentPlus,
-                 as_bytes: bool) -> None:
-        self._fs = fs
-        self._raw = plus
-        name = raw_name if as_bytes else os.fsdecode(raw_name)
-        self.name: Any = name
-        self.path: Any = os.path.join(os.fsencode(base) if as_bytes else base, name)
-        self._lattr = plus.entry.attr.to_stat_result() if plus.entry.nodeid else None
-        self._attr: os.stat_result | None = None
-
-    def inode(self) -> int:
-        return self._raw.dirent.ino
-
-    def _type(self) -> int:
-        return self._raw.dirent.type
-
-    def is_symlink(self) -> bool:
-        return self._type() == _DT_LNK
-
-    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
-        if self._type() == _DT_LNK and follow_symlinks:
-            try:
-                return stat_mod.S_ISDIR(self.stat().st_mode)
-            except FileNotFoundError:
-                return False
-        return self._type() == _DT_DIR
-
-    def is_file(self, *, follow_symlinks: bool = True) -> bool:
-        if self._type() == _DT_LNK and follow_symlinks:
-            try:
-                return stat_mod.S_ISREG(self.stat().st_mode)
-            except FileNotFoundError:
-                return False
-        return self._type() == _DT_REG
-
-    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        if not follow_symlinks or self._type() != _DT_LNK:
-            if self._lattr is None:
-                self._lattr = self._fs.lstat(self.path)
-            return self._lattr
-        if self._attr is None:
-            self._attr = self._fs.stat(self.path)
-        return self._attr
-
-    def __fspath__(self) -> Any:
-        return self.path
-
-    def __repr__(self) -> str:
-        return f"<DirEntry {self.name!r}>"

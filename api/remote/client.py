@@ -97,15 +97,6 @@ class RemoteFS(ShareFS):
             self._context.term()
             raise self._error
 
-    def as_user(self, uid: int, gid: int, pid: int | None = None) -> RemoteFS:
-        """A view sending other credentials (honoured only by servers that trust clients)."""
-        import copy
-
-        view = copy.copy(self)
-        view._owner = False
-        view.ctx = (uid, gid, os.getpid() if pid is None else pid)
-        return view
-
     # -- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -182,8 +173,8 @@ class RemoteFS(ShareFS):
         reply, when it comes, is dropped)."""
         if self._closing.is_set():
             raise OSError(errno.ENOTCONN, "the share is closed")
-        if self.ctx is not None and op.ctx is None:
-            op = msgspec.structs.replace(op, ctx=self.ctx)
+        if op.ctx is None:
+            op = self._as_caller(op)
         request_id = next(self._ids)
         call = _Call(op)
         if wait:

@@ -130,7 +130,7 @@ class Tenant:
         Raises OSError to refuse it."""
         if self.trust_client_credentials:
             return op
-        return msgspec.structs.replace(op, ctx=self.credentials)
+        return msgspec.structs.replace(op, ctx=self.credentials, groups=None)
 
     def alive(self) -> bool:
         """Whether the share can take requests. False makes the server call
@@ -797,6 +797,6 @@ def _peek_id(frames: list[Any]) -> int:
         head = msgspec.msgpack.decode(frames[0])
     except Exception:  # any garbage: msgspec raises several kinds
         return 0
-    if isinstance(head, list) and head and isinstance(head[0], int):
+    if isinstance(head, list) and head and type(head[0]) is int:  # a bool is no id
         return head[0] if 0 <= head[0] < 1 << 63 else 0
     return 0

@@ -38,12 +38,19 @@ from tests import REPO
 from tests.actors.helpers import mounted
 
 PATHS = ["a", "b", "c", "a/a", "a/b", "b/a", "b/c", "a/a/b"]
+# What a path may end with: a trailing slash, or ".." / "." after the last name (after a
+# non-directory that is ENOTDIR), or a detour through "..".
+SUFFIXES = ["", "", "", "/", "/..", "/.", "/../a"]
 DIRS = ["", "a", "b", "a/a"]
-LINK_TARGETS = ["a", "b", "../a", "../b/a", "a/b", "missing", ".", "..", "/a", "/b/c"]
-MODES = [0o600, 0o644, 0o700, 0o755]
+LINK_TARGETS = ["a", "b", "../a", "../b/a", "a/b", "missing", ".", "..", "/a", "/b/c",
+                "a/a/..", "b/", "c/../a"]
+MODES = [0o600, 0o644, 0o700, 0o755, 0o777, 0o1777, 0o711, 0o666]
 RENAME_FLAGS = [0, RENAME_NOREPLACE, RENAME_EXCHANGE]
+OPEN_FLAGS = [os.O_RDONLY, os.O_WRONLY, os.O_RDWR]
+OPEN_EXTRA = [os.O_CREAT, os.O_EXCL, os.O_TRUNC, os.O_APPEND, os.O_NOFOLLOW, os.O_DIRECTORY]
+USER = (1000, 1000)  # the other user of as_user runs: no such account is needed
 
-paths = st.sampled_from(PATHS)
+paths = st.builds(lambda p, s: p + s, st.sampled_from(PATHS), st.sampled_from(SUFFIXES))
 small_bytes = st.binary(max_size=64)
 offsets = st.integers(min_value=0, max_value=80)
 sizes = st.integers(min_value=0, max_value=100)
@@ -128,6 +135,45 @@ def host_rename(src: str, dst: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), src, None, dst)
 
 
+def host_open(path: str, flags: int) -> None:
+    os.close(os.open(path, flags, 0o644))
+
+
+def host_append_session(path: str, data: bytes, plus: bool, size: int) -> list[Any]:
+    """What a program sees of a file opened for appending with the built-in open()."""
+    with open(path, "a+b" if plus else "ab") as f:
+        seen: list[Any] = [f.tell(), f.write(data), f.tell(), f.write(b""), f.tell()]
+        f.truncate(size)
+        seen.append(f.tell())
+        if plus:
+            seen.append(f.read())
+            f.seek(0)
+            seen.append(f.read(5))
+        return seen
+
+
+def host_as(uid: int, gid: int, op: str, *args: Any) -> tuple[str, Any]:
+    """``op`` run by another user: a child with that uid and gid and no other groups."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            result = outcome(functools.partial(HOST_OPS[op], *args))
+            with os.fdopen(write_end, "wb") as out:
+                pickle.dump(result, out)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        result = pickle.load(pipe)
+    os.waitpid(pid, 0)
+    return result  # type: ignore[no-any-return]
+
+
 def host_link(src: str, dst: str) -> None:
     # link(2) semantics, as the share's link: a symlink as the source is not followed.
     os.link(src, dst, follow_symlinks=False)
@@ -135,7 +181,8 @@ def host_link(src: str, dst: str) -> None:
 
 HOST_OPS: dict[str, Callable[..., Any]] = {
     f.__name__: f for f in (host_create, host_pwrite, host_read, host_pread, host_scandir,
-                            host_stat, host_mtime, host_rename, host_link)
+                            host_stat, host_mtime, host_rename, host_link, host_open,
+                            host_append_session, host_as)
 } | {name: getattr(os, name) for name in (
     "truncate", "readlink", "listdir", "mkdir", "rmdir", "unlink", "symlink", "chmod",
     "utime")}
@@ -369,6 +416,64 @@ class ShareVersusHost(RuleBasedStateMachine):
             self.both(lambda: self.fs.stat(path, follow_symlinks=follow).st_mtime_ns,
                       "host_mtime", absolute(path), follow)
 
+    # -- open(2) flags, append mode, another user ---------------------------------------
+
+    @rule(path=paths, access=st.sampled_from(OPEN_FLAGS),
+          extra=st.sets(st.sampled_from(OPEN_EXTRA), max_size=3))
+    def open_flags(self, path: str, access: int, extra: set[int]) -> None:
+        flags = access
+        for flag in extra:
+            flags |= flag
+
+        def on_share() -> None:
+            self.fs.open_raw(path, flags, 0o644).close()
+
+        self.both(on_share, "host_open", absolute(path), flags)
+
+    @rule(path=paths, data=small_bytes, plus=st.booleans(), size=sizes)
+    def append_positions(self, path: str, data: bytes, plus: bool, size: int) -> None:
+        def on_share() -> list[Any]:
+            with self.fs.open(path, "a+b" if plus else "ab") as f:
+                seen: list[Any] = [f.tell(), f.write(data), f.tell(), f.write(b""), f.tell()]
+                f.truncate(size)
+                seen.append(f.tell())
+                if plus:
+                    seen.append(f.read())
+                    f.seek(0)
+                    seen.append(f.read(5))
+                return seen
+
+        self.both(on_share, "host_append_session", absolute(path), data, plus, size)
+
+    @rule(path=paths, data=small_bytes, other=paths,
+          op=st.sampled_from(["read", "create", "unlink", "mkdir", "rmdir", "rename", "chmod",
+                              "utime", "stat", "symlink", "truncate", "listdir"]))
+    def as_other_user(self, op: str, path: str, data: bytes, other: str) -> None:
+        """The same call made by another user: permission checks as the kernel's."""
+        fs = self.fs.as_user(*USER)
+        share_ops: dict[str, tuple[Callable[[], Any], str, tuple[Any, ...]]] = {
+            "read": (lambda: fs.read_bytes(path), "host_read", (absolute(path),)),
+            "create": (lambda: _write(fs, path, data), "host_create",
+                       (absolute(path), data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)),
+            "unlink": (lambda: fs.unlink(path), "unlink", (absolute(path),)),
+            "mkdir": (lambda: fs.mkdir(path), "mkdir", (absolute(path),)),
+            "rmdir": (lambda: fs.rmdir(path), "rmdir", (absolute(path),)),
+            "rename": (lambda: fs.rename(path, other), "host_rename",
+                       (absolute(path), absolute(other), 0)),
+            "chmod": (lambda: fs.chmod(path, 0o700), "chmod", (absolute(path), 0o700)),
+            "utime": (lambda: fs.utime(path), "utime", (absolute(path),)),
+            "stat": (lambda: stat_view(fs.stat(path)), "host_stat", (absolute(path), True)),
+            "symlink": (lambda: fs.symlink("a", path), "symlink", ("a", absolute(path))),
+            "truncate": (lambda: fs.truncate(path, 3), "truncate", (absolute(path), 3)),
+            "listdir": (lambda: sorted(fs.listdir(path)), "listdir", (absolute(path),)),
+        }
+        on_share, host_op, args = share_ops[op]
+        got = outcome(on_share)
+        _, want = self.host("host_as", *USER, host_op, *args)
+        if op == "listdir" and want[0] == "ok":
+            want = ("ok", sorted(want[1]))
+        assert got == want, f"as uid {USER[0]}: {op} share gave {got}, host gave {want}"
+
     # -- the end -----------------------------------------------------------------------
 
     @invariant()
@@ -384,6 +489,12 @@ class ShareVersusHost(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _write(fs: Any, path: str, data: bytes) -> int:
+    with fs.open_raw(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) as f:
+        written: int = f.write(data)
+        return written
+
+
 def tree(root: str) -> dict[str, tuple[Any, ...]]:
     """Everything on disk under ``root``: type, permission bits, link count, contents or
     link target."""
@@ -397,17 +508,17 @@ def tree(root: str) -> dict[str, tuple[Any, ...]]:
             if stat_mod.S_ISLNK(st_.st_mode):
                 found[rel] = ("link", os.readlink(full))
             elif stat_mod.S_ISDIR(st_.st_mode):
-                found[rel] = ("dir", perm)
+                found[rel] = ("dir", perm, st_.st_uid)
             else:
                 with open(full, "rb") as f:
-                    found[rel] = ("file", perm, st_.st_nlink, f.read())
+                    found[rel] = ("file", perm, st_.st_nlink, st_.st_uid, f.read())
     return found
 
 
-# 25 runs of 30 steps keep the test well under a minute; PYVIRTIOFS_DIFF_EXAMPLES=500
+# 40 runs of 30 steps keep the test well under a minute; PYVIRTIOFS_DIFF_EXAMPLES=500
 # makes a longer bug hunt.
 ShareVersusHost.TestCase.settings = settings(
-    max_examples=int(os.environ.get("PYVIRTIOFS_DIFF_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("PYVIRTIOFS_DIFF_EXAMPLES", "40")),
     stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
