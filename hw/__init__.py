@@ -7,4 +7,5 @@ Modules:
     virtqueue    the driver side of a split virtqueue
     queues       request buffers in and out of the queues (allocate, chain, kick, harvest)
     vhost_user/  the vhost-user frontend beside a virtiofsd on this host
+    guest/       a virtio-fs PCI or MMIO device of the VM this runs in, from userspace
 """

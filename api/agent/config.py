@@ -19,6 +19,7 @@ from typing import Any
 
 from pyvirtiofs.api.remote import keys as keymod
 from pyvirtiofs.api.remote.server import TenantLimits
+from pyvirtiofs.hw.guest.spec import parse_device_spec
 
 log = logging.getLogger("pyvirtiofs.agent")
 
@@ -54,8 +55,9 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class TenantConfig:
     """One tenant. ``source`` is what its private virtiofsd serves (the share's folder
-    joined with ``root``, symlinks resolved); a socket share has ``source`` None and the
-    session confines it to ``root`` instead."""
+    joined with ``root``, symlinks resolved); a socket share and a device share (a virtio-fs
+    device of the VM the agent runs in, ``device = "pci:TAG"``) have ``source`` None and
+    the session confines them to ``root`` instead."""
 
     id: str
     public_key: bytes
@@ -68,10 +70,11 @@ class TenantConfig:
     limits: LimitsConfig
     source: str | None = None
     line: int | None = None
+    device: str | None = None
 
     def share_identity(self) -> tuple[Any, ...]:
         """What a running share depends on: a change needs a new daemon/session."""
-        return (self.share, self.socket, self.root, self.source)
+        return (self.share, self.socket, self.device, self.root, self.source)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class AgentConfig:
 
 _AGENT_KEYS = {"bind", "key_file", "runtime_dir", "heartbeat_timeout", "drain_timeout",
                "virtiofsd", "cache", "log_format", "log_level"}
-_TENANT_KEYS = {"public_key", "share", "socket", "root", "read_only", "uid", "gid", "limits"}
+_TENANT_KEYS = {"public_key", "share", "socket", "device", "root", "read_only", "uid", "gid",
+                "limits"}
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(LimitsConfig)}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*\Z", re.IGNORECASE)
 
@@ -428,10 +432,12 @@ def _tenant(c: _Checker, tid: str, table: dict[str, Any],
         except (OSError, ValueError) as exc:
             raise c.fail(f"public_key is neither a 40-character Z85 key nor a readable key "
                          f"file: {exc}", *key, "public_key") from None
-    share, sock = table.get("share"), table.get("socket")
-    if (share is None) == (sock is None):
+    share, sock, device = table.get("share"), table.get("socket"), table.get("device")
+    if sum(v is not None for v in (share, sock, device)) != 1:
         raise c.fail(f"tenant {tid!r} needs exactly one of share = \"FOLDER\" (the agent "
-                     "starts a virtiofsd on it) or socket = \"PATH\" (a running daemon)", *key)
+                     "starts a virtiofsd on it), socket = \"PATH\" (a running daemon) or "
+                     "device = \"pci:TAG\" (a virtio-fs device of the VM the agent runs in)",
+                     *key)
     root = table.get("root", "")
     c.typed(root, str, "root", *key, "root")
     parts = [p for p in root.split("/") if p and p != "."]
@@ -451,6 +457,12 @@ def _tenant(c: _Checker, tid: str, table: dict[str, Any],
                          f"{source}", *key, "root")
         if not os.path.isdir(source):
             raise c.fail(f"root {root!r} is not a directory in {share}", *key, "root")
+    elif device is not None:
+        c.typed(device, str, "device", *key, "device")
+        try:
+            device = str(parse_device_spec(device))
+        except ValueError as exc:
+            raise c.fail(str(exc), *key, "device") from None
     else:
         c.typed(sock, str, "socket", *key, "socket")
         sock = c.abspath(sock)
@@ -475,4 +487,4 @@ def _tenant(c: _Checker, tid: str, table: dict[str, Any],
     limits = _limits(c, limits_table, defaults, *key, "limits")
     return TenantConfig(id=tid, public_key=public, share=share, socket=sock, root=root,
                         read_only=read_only, uid=uid, gid=gid, limits=limits, source=source,
-                        line=c.where.line(*key))
+                        line=c.where.line(*key), device=device)

@@ -59,7 +59,8 @@ def format_status(status: dict[str, Any]) -> str:
     rows = [header]
     for tid, t in status["tenants"].items():
         rejected = ",".join(f"{k}:{v}" for k, v in sorted(t.get("rejected", {}).items()))
-        daemon = str(t["daemon_pid"] or "socket")
+        device = str(t["share"]).startswith(("pci:", "mmio:"))  # a device of the agent's VM
+        daemon = str(t["daemon_pid"] or ("device" if device else "socket"))
         if not t["alive"]:
             daemon += " (dead)"
         elif t.get("restarts"):

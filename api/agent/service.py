@@ -56,7 +56,7 @@ class Agent:
         self.config = config
         self.tenants: dict[str, AgentTenant] = {}
         self._by_key: dict[str, AgentTenant] = {}
-        self.context: zmq.Context[Any] = zmq.Context()
+        self.context: zmq.Context[Any] = zmq.Context(io_threads=int(os.environ.get("IOT", "1")))
         self.server: ShareServer | None = None
         self.zap: ZapHandler | None = None
         self._control: threading.Thread | None = None
@@ -73,6 +73,11 @@ class Agent:
             transport = open_private_device(tc.source, binary=self.config.virtiofsd,
                                             cache=self.config.cache)
             config = SessionConfig()
+        elif tc.device is not None:
+            from pyvirtiofs.hw.guest import open_device
+
+            transport = open_device(tc.device)
+            config = SessionConfig(root=tc.root or None)
         else:
             assert tc.socket is not None
             transport = VhostUserTransport.connect(tc.socket)
@@ -83,7 +88,7 @@ class Agent:
             transport.close()
             raise
         log_event("share_started", tc.id, daemon_pid=fs.daemon_pid,
-                  source=tc.source or tc.socket, root=tc.root or "/",
+                  source=tc.source or tc.socket or tc.device, root=tc.root or "/",
                   read_only=tc.read_only)
         return fs
 
@@ -216,7 +221,7 @@ class Agent:
             tc = t.config
             out[tid] = {
                 **stats.get(tid, {}),
-                "share": tc.share or tc.socket, "root": tc.root or "/",
+                "share": tc.share or tc.socket or tc.device, "root": tc.root or "/",
                 "daemon_source": tc.source,
                 "read_only": tc.read_only, "daemon_pid": t.daemon_pid,
                 # (not probed while a restart is closing the old share)

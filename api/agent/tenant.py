@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -41,7 +42,7 @@ class AgentTenant(Tenant):
 
     def admit(self, op: Any) -> Any:
         op = confine(self.config, op)
-        return msgspec.structs.replace(op, ctx=self.credentials)
+        return msgspec.structs.replace(op, ctx=self.credentials, groups=None)
 
     def alive(self) -> bool:
         fs = self.fs
@@ -54,6 +55,12 @@ class AgentTenant(Tenant):
         return bool(up) and fs.session.is_alive()
 
     def restart(self) -> VirtioFS:
+        if self.config.device is not None:
+            # The device's daemon runs on the VM's host: nothing here can bring it back.
+            raise OSError(errno.ENOTCONN, f"tenant {self.config.id}: the virtio-fs device "
+                          f"{self.config.device} stopped answering; a device share cannot be "
+                          "restarted from inside the VM (its virtiofsd runs on the host): "
+                          "restart the device's daemon (or the VM), then the agent")
         old = self.fs
         with contextlib.suppress(Exception):
             old.close()

@@ -11,6 +11,18 @@ import pytest
 from .image import GuestImage, ensure_image
 from .vm import GuestVM, Mode
 
+#: The VMs the guest tests share (smoke tests included): one per bus. Two virtio-fs devices
+#: on PCI; each device's folder also mounted by the guest kernel's own virtiofs (a view to
+#: check results through); virtiofsd with cache=always, so no entry expires while the
+#: slow guest works (request counts then depend on the client alone, as on the host).
+# 128 hugepages (256 MiB): the behaviour suite and the device checks run at once in the PCI
+# guest, and device memory a dying connection still exports is given back only when the
+# last view of it goes; 64 ran out once on a loaded machine.
+PCI_VM: dict[str, Any] = {"extra_tags": ("pvfs2",), "cache": "always", "share_views": True,
+                          "ports": 1, "hugepages": 128}
+MMIO_VM: dict[str, Any] = {"cache": "always", "share_views": True, "ports": 0,
+                           "hugepages": 128}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "guest: boots a QEMU TCG guest (tests/guest)")

@@ -63,6 +63,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "netfs", "9pnet", "9pnet_virtio", "9p",
     "uio", "uio_pci_generic",
     "virtio_net",
+    "virtiofs",  # loaded only for share views (GuestVM(share_views=True))
 )
 
 #: Entries whose files are older than this and are not among the newest few are pruned.

@@ -7,6 +7,9 @@
 #   net        1: virtio-net with QEMU's user network (10.0.2.15/24, gateway 10.0.2.2)
 #   rootcache  9p cache mode of the host's root (read-only): loose or none
 #   msize      9p message size
+#   views      virtio-fs devices left to the kernel's own virtiofs driver, as SLOT:NAME,...
+#              (PCI 0000:00:SLOT.0, tag view-NAME): each is mounted at
+#              /tmp/guest-shares/NAME in the chroot
 # It loads the modules, steers the virtio-fs device, mounts the host's root (9p, read-only)
 # at /mnt/host and the results share (9p, writable) at /mnt/results, prepares a chroot
 # (fresh proc, sys, dev, hugetlbfs, tmpfs /tmp and /run, the results share at
@@ -55,10 +58,20 @@ log "up $(cut -d' ' -f1 /proc/uptime) s; fsdrv=$FSDRV hugepages=$HUGEPAGES net=$
 load virtio
 load virtio_ring
 
-# PCI: steer the virtio-fs function (1af4:105a) before virtio_pci can claim it.
+# PCI: steer the virtio-fs functions (1af4:105a) before virtio_pci can claim them.
+VIEWS=$(param views "" | tr ',' ' ')
 for d in /sys/bus/pci/devices/*; do
     [ -e "$d/vendor" ] || continue
     if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x105a ]; then
+        view=
+        for v in $VIEWS; do
+            [ "${d##*/}" = "0000:00:${v%%:*}.0" ] && view=${v#*:}
+        done
+        if [ -n "$view" ]; then
+            echo virtio-pci > $d/driver_override
+            log "virtio-fs PCI device ${d##*/} -> virtiofs (view of $view)"
+            continue
+        fi
         case "$FSDRV" in
             virtio_pci) ;;
             uio_pci_generic) echo uio_pci_generic > $d/driver_override ;;
@@ -113,6 +126,11 @@ mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "mount tmp"
 [ -d $R/run ] && mount -t tmpfs -o mode=755 tmpfs $R/run
 mkdir -p $R/tmp/guest-results
 mount --bind $OUT $R/tmp/guest-results || fail "bind results"
+[ -n "$VIEWS" ] && load virtiofs
+for v in $VIEWS; do
+    mkdir -p $R/tmp/guest-shares/${v#*:}
+    mount -t virtiofs view-${v#*:} $R/tmp/guest-shares/${v#*:} || fail "mount view ${v#*:}"
+done
 
 {
     echo "uptime=$(cut -d' ' -f1 /proc/uptime)"

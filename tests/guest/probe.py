@@ -87,9 +87,9 @@ def pci(unbind: bool) -> dict[str, Any]:
              if int(_read(f"{root}/{d}/vendor"), 16) == VIRTIO_VENDOR
              and int(_read(f"{root}/{d}/device"), 16) == VIRTIO_FS_PCI_DEVICE]
     out: dict[str, Any] = {"devices": found, "hugepages": _hugepages()}
-    if len(found) != 1:
+    if not found:
         return out
-    bdf = found[0]
+    bdf = found[0]  # with several, the first (QEMU numbers them in command-line order)
     sysdir = f"{root}/{bdf}"
     out["bdf"] = bdf
     out["driver"] = _driver(sysdir)

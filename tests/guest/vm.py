@@ -53,6 +53,7 @@ from .image import REPO, GuestImage, ensure_image
 
 __all__ = [
     "GUEST_RESULTS",
+    "GUEST_SHARES",
     "GuestError",
     "GuestJob",
     "GuestResult",
@@ -67,6 +68,10 @@ Mode = Literal["pci", "mmio"]
 
 #: Where the results share is mounted inside the guest's chroot.
 GUEST_RESULTS = "/tmp/guest-results"
+#: Where ``share_views`` mounts each device's folder (``GUEST_SHARES/TAG``) in the guest.
+GUEST_SHARES = "/tmp/guest-shares"
+#: The PCI slot of the first view device (``share_views``), then one slot per share.
+VIEW_SLOT = 0x10
 #: The guest's address on QEMU's user network.
 GUEST_IP = "10.0.2.15"
 QEMU_ENV = "PYVIRTIOFS_QEMU"
@@ -255,6 +260,14 @@ class GuestVM:
         share: host folder virtiofsd serves (default: an empty ``share`` folder in the
             work folder).
         tag: the virtio-fs tag.
+        extra_tags: more virtio-fs devices, each with its own virtiofsd serving its own
+            folder (``shares[tag]``, a fresh ``share-TAG`` folder in the work folder).
+        cache: virtiofsd's cache mode (``auto``, ``always``, ``none``).
+        share_views: give every device's folder a second virtio-fs device (its own
+            virtiofsd, ``cache=none``, tag ``view-TAG``, on PCI even in a microvm) that the
+            guest kernel's own virtiofs driver mounts at ``GUEST_SHARES/TAG``: a view of
+            the same files that is not the client under test (exact inode numbers and
+            nanosecond times, unlike 9p).
         hugepages: 2 MiB pages reserved in the guest, mounted at ``/dev/hugepages``.
         ports: how many TCP ports to forward; each is a free host port P forwarded from
             ``127.0.0.1:P`` to the guest's port P (see :attr:`ports`).
@@ -280,6 +293,9 @@ class GuestVM:
         fs_driver: str | None = None,
         share: str | os.PathLike[str] | None = None,
         tag: str = "pvfs",
+        extra_tags: Sequence[str] = (),
+        cache: str = "auto",
+        share_views: bool = False,
         hugepages: int = 64,
         ports: int = 1,
         memory_mib: int = 1024,
@@ -303,6 +319,12 @@ class GuestVM:
             raise ValueError(f"fs_driver for {mode} must be one of {sorted(allowed)}")
         self.mode: Mode = mode
         self.tag = tag
+        self.tags = [tag, *extra_tags]
+        if len(set(self.tags)) != len(self.tags) or not all(
+                re.fullmatch(r"[A-Za-z0-9_.-]{1,36}", t) for t in self.tags):
+            raise ValueError(f"tags must be distinct simple names: {self.tags}")
+        self.cache = cache
+        self.share_views = share_views
         self.hugepages = hugepages
         self.memory_mib = memory_mib
         self.smp = smp
@@ -319,12 +341,14 @@ class GuestVM:
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self._share_arg = Path(share) if share is not None else None
         self._qemu: subprocess.Popen[bytes] | None = None
-        self._daemon: subprocess.Popen[bytes] | None = None
+        self._daemons: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
         self._next_job = 1
         self._closed = False
         self.workdir = Path()
         self.share = Path()
+        #: The folder each device's virtiofsd serves, by tag (``share`` is the first's).
+        self.shares: dict[str, Path] = {}
         #: Forwarded TCP ports (the same number on the host's 127.0.0.1 and in the guest).
         self.ports: list[int] = []
         #: Seconds from starting QEMU to the guest being ready to run commands.
@@ -359,7 +383,7 @@ class GuestVM:
     @property
     def virtiofsd_pid(self) -> int | None:
         """virtiofsd's pid, which is also its process group's id."""
-        return self._daemon.pid if self._daemon is not None else None
+        return self._daemons[0].pid if self._daemons else None
 
     @property
     def alive(self) -> bool:
@@ -390,7 +414,11 @@ class GuestVM:
 
     def _start(self) -> None:
         self.share = self._share_arg or self.workdir / "share"
-        self.share.mkdir(parents=True, exist_ok=True)
+        self.shares = {self.tag: self.share}
+        for tag in self.tags[1:]:
+            self.shares[tag] = self.workdir / f"share-{tag}"
+        for folder in self.shares.values():
+            folder.mkdir(parents=True, exist_ok=True)
         # A reused work folder must not offer the last run's "ready" or job statuses.
         shutil.rmtree(self.results, ignore_errors=True)
         for stale in ("console.log", "qemu.log", "virtiofsd.log"):
@@ -403,25 +431,12 @@ class GuestVM:
         self._sock_dir = sock_dir
         self.ports = [_free_port() for _ in range(self._n_ports)]
 
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock_path = sock_dir / "virtiofsd.sock"
-        with contextlib.suppress(FileNotFoundError):
-            sock_path.unlink()
-        try:
-            listener.bind(str(sock_path))
-            listener.listen(1)
-            argv = self._virtiofsd_argv(listener.fileno())
-            with (self.workdir / "virtiofsd.log").open("wb") as log:
-                self._daemon = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    pass_fds=(listener.fileno(),), start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-        finally:
-            # The daemon holds its own copy; QEMU's connect queues until it accepts.
-            listener.close()
-
-        qemu = self._qemu_argv(sock_path)
+        sockets = [self._start_daemon(i, tag, sock_dir) for i, tag in enumerate(self.tags)]
+        if self.share_views:
+            sockets += [self._start_daemon(len(sockets) + i, f"view-{tag}", sock_dir, tag,
+                                           cache="none")
+                        for i, tag in enumerate(self.tags)]
+        qemu = self._qemu_argv(sockets)
         (self.workdir / "qemu.argv").write_text(shlex.join(qemu) + "\n")
         started = time.monotonic()
         with (self.workdir / "qemu.log").open("wb") as log:
@@ -443,18 +458,45 @@ class GuestVM:
             key, _, value = line.partition("=")
             self.info[key] = value
 
-    def _virtiofsd_argv(self, fd: int) -> list[str]:
+    def _start_daemon(self, index: int, tag: str, sock_dir: Path, share: str | None = None,
+                      cache: str | None = None) -> Path:
+        """Start the virtiofsd of device ``tag`` (serving ``shares[share or tag]``) on a
+        listening socket; its path."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock_path = sock_dir / ("virtiofsd.sock" if index == 0 else f"virtiofsd-{index}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        log_name = "virtiofsd.log" if index == 0 else f"virtiofsd-{tag}.log"
+        try:
+            listener.bind(str(sock_path))
+            listener.listen(1)
+            argv = self._virtiofsd_argv(listener.fileno(), self.shares[share or tag],
+                                        cache or self.cache)
+            with (self.workdir / log_name).open("wb") as log:
+                self._daemons.append(subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(listener.fileno(),), start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                ))
+        finally:
+            # The daemon holds its own copy; QEMU's connect queues until it accepts.
+            listener.close()
+        return sock_path
+
+    def _virtiofsd_argv(self, fd: int, share: Path, cache: str) -> list[str]:
+        """The project launcher's command line (xattrs on, as for the host's daemons)."""
         launcher = _launcher()
         binary = launcher.find_virtiofsd(self._virtiofsd_binary)
         flavor = launcher.detect_flavor(binary)
         sandbox = self._sandbox or launcher.sandbox_candidates(flavor)[0]
-        if flavor is launcher.DaemonFlavor.C:
-            return [binary, f"--fd={fd}", "-o", f"source={self.share}", "-o", "cache=auto",
-                    "-o", f"sandbox={sandbox}", "-o", "log_level=warn"]
-        return [binary, "--fd", str(fd), "--shared-dir", str(self.share), "--cache", "auto",
-                "--sandbox", sandbox, "--log-level", "warn"]
+        daemon = launcher.Virtiofsd(share, binary=binary, cache=cache, sandbox=sandbox)
+        return list(daemon.command(fd))
 
-    def _qemu_argv(self, sock_path: Path) -> list[str]:
+    def _views(self) -> str:
+        """``SLOT:TAG,...`` of the view devices, for /init."""
+        return ",".join(f"{VIEW_SLOT + i:02x}:{tag}" for i, tag in enumerate(self.tags))
+
+    def _qemu_argv(self, sockets: list[Path]) -> list[str]:
         assert self.image is not None
         mem = f"{self.memory_mib}M"
         pci = self.mode == "pci"
@@ -469,6 +511,7 @@ class GuestVM:
             *([f"tsc_early_khz={self._tsc_khz}", "tsc=reliable"] if self._tsc_khz else []),
             f"pvfs.fsdrv={self.fs_driver}", f"pvfs.hugepages={self.hugepages}",
             f"pvfs.net={1 if self.ports else 0}", f"pvfs.rootcache={self.root_cache}",
+            *([f"pvfs.views={self._views()}"] if self.share_views else []),
             *self.extra_cmdline,
         ]
         argv = [
@@ -478,17 +521,23 @@ class GuestVM:
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
             "-append", " ".join(cmdline),
             "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
-            "-chardev", f"socket,id=vfs,path={sock_path}",
         ]
+        for i, sock in enumerate(sockets):
+            argv += ["-chardev", f"socket,id=vfs{i},path={sock}"]
+        device = "vhost-user-fs-pci" if pci else "vhost-user-fs-device"
         if pci:
-            argv += ["-machine", "q35", "-numa", "node,memdev=mem",
-                     "-device", f"vhost-user-fs-pci,chardev=vfs,tag={self.tag}"]
+            argv += ["-machine", "q35", "-numa", "node,memdev=mem"]
         else:
             # microvm: virtio-mmio transports described by ACPI; PCIe for the rest.
             argv += ["-machine", "microvm,memory-backend=mem,acpi=on,pcie=on,rtc=on",
                      # QEMU's virtio-mmio transports are legacy (version 1) by default.
-                     "-global", "virtio-mmio.force-legacy=false",
-                     "-device", f"vhost-user-fs-device,chardev=vfs,tag={self.tag}"]
+                     "-global", "virtio-mmio.force-legacy=false"]
+        for i, tag in enumerate(self.tags):
+            argv += ["-device", f"{device},chardev=vfs{i},tag={tag}"]
+        if self.share_views:
+            for i, tag in enumerate(self.tags):
+                argv += ["-device", f"vhost-user-fs-pci,chardev=vfs{len(self.tags) + i},"
+                                    f"tag=view-{tag},addr={VIEW_SLOT + i:#x}"]
         argv += [
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,"
                       "multidevs=remap",
@@ -523,7 +572,7 @@ class GuestVM:
 
     def kill(self) -> None:
         """Kill QEMU and virtiofsd (their whole process groups) and reap them."""
-        for proc in (self._qemu, self._daemon):
+        for proc in (self._qemu, *self._daemons):
             if proc is None:
                 continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
