@@ -11,12 +11,22 @@
 Design
 ------
 The kernel already speaks FUSE and so does virtiofsd: this module is a *node-level
-passthrough*. Each kernel request becomes the same FUSE request to the daemon, sent as a
-:class:`pyvirtiofs.actors.messages.FuseCall` to the share's device actor, and carries the kernel
-request's ``(uid, gid, pid)`` as its credentials (exactly what ``fs.as_user(uid, gid, pid)``
-puts on a message). No path is ever re-resolved, so rename, unlink-while-open, hard links
-and ``..`` cost nothing extra and cannot go stale.
+passthrough*. Each kernel request becomes the same FUSE request to the daemon, submitted
+through the share's :class:`~pyvirtiofs.actors.device_client.DeviceClient`, and carries the
+kernel request's ``(uid, gid, pid)`` as its credentials (exactly what
+``fs.as_user(uid, gid, pid)`` puts on a message). No path is ever re-resolved, so rename,
+unlink-while-open, hard links and ``..`` cost nothing extra and cannot go stale.
 
+* **The way of a request.** pyfuse3 reads the kernel's request on the trio thread and runs
+  its handler as a trio task; the handler submits the FUSE request to the device, which
+  places it in the ring and kicks from this same thread (the device is an inline actor:
+  no hand-off on the way in). The device's interrupt thread harvests the reply and runs
+  the future's callback, which queues the parked task and, once per batch of completions,
+  asks trio to run them (one wake-up of the trio thread for all the replies of a
+  harvest). The task then replies to the kernel. Each handler is its own task (pyfuse3
+  starts more readers while handlers wait), so slow requests overlap; nothing here holds
+  a lock across a request. Reads and writes larger than the daemon's limit go out as
+  several requests at once.
 * **Inodes.** A kernel inode *is* a daemon node: the table maps kernel ino ↔ daemon node id
   and counts lookups. Every entry we hand the kernel (LOOKUP, MKDIR, MKNOD, SYMLINK, LINK,
   CREATE, accepted READDIRPLUS entries) is one lookup the daemon counted for us; the
@@ -39,25 +49,60 @@ and ``..`` cost nothing extra and cannot go stale.
   to the file system to clear S_ISUID/S_ISGID when a file is written or truncated; virtiofsd
   writes as root (CAP_FSETID) and would keep them. We clear them as ext4 would when the
   writer (the opener, for writes) is not root.
-* **Data.** No ``direct_io``: the kernel's page cache is in use, so mmap (shared, writable)
-  works. ``keep_cache`` follows the daemon's FOPEN_KEEP_CACHE. Reads and writes are split at
-  the session's negotiated limits. Byte-range locks are left to the kernel (local locks).
-* **Threads.** pyfuse3 runs on trio; each request goes to the device through its
-  :class:`~pyvirtiofs.actors.device_client.DeviceClient`, and the device thread's
-  completion reschedules the waiting trio task. pyfuse3 keeps global state: one mount per
-  process.
+
+Caches (what the kernel's own virtio-fs client does with ``cache=auto``)
+-----------------------------------------------------------------------
+* **Entries and attributes** are cached by the kernel for the timeouts the daemon puts in
+  each reply (virtiofsd ``cache=auto``: 1 s); we pass them on unchanged.
+* **File data: keep the page cache of an unchanged file.** No ``direct_io`` (the page cache
+  makes mmap work). At each OPEN we compare the file's ``(mtime, size, ctime)`` with what
+  they were at its previous open: unchanged, the kernel keeps the pages it has
+  (``keep_cache``); changed, or never opened, it drops them. The attributes used are the
+  newest the daemon gave us for the node if they are still within their timeout, else a
+  GETATTR sent together with the OPEN — libfuse's ``auto_cache`` rule. The daemon's own
+  FOPEN_KEEP_CACHE is honoured as well. Writes through the mount keep the page cache
+  coherent themselves (no writeback cache: every write goes to the daemon before
+  ``write(2)`` returns). A change made on the host behind the mount is seen at the next
+  open once the attributes the kernel and we hold have expired (the daemon's attribute
+  timeout), and by any read after the kernel refreshes them (libfuse's default
+  ``auto_inval_data``: the kernel drops the pages when it sees a new mtime or size) — the
+  same bound ``cache=auto`` gives attributes. Writeback caching is not used: it makes the
+  kernel the authority on size and mtime, which a share changed from the host contradicts.
+* **Extended attributes without a request per entry.** ``ls -l`` asks every entry for
+  ``security.selinux`` and ``system.posix_acl_access``, and the kernel asks for
+  ``security.capability`` before every write; almost always the answer is "none". We
+  remember, per node, the list of its xattr names (one LISTXATTR answers every later
+  question about ``security.*`` and ``system.posix_acl_*`` names, which Linux always lists
+  when present) and the names the daemon answered ENODATA for, and answer "no such
+  attribute" (ENODATA) from that; a name that exists is always read from the daemon. What
+  we know is stamped with the node's ctime when we asked, and is used while the newest
+  attributes we have for the node are within their timeout and show that same ctime
+  (every change of an xattr — ACLs are xattrs — changes the ctime), or for at most the
+  daemon's attribute timeout after we asked (``cache=auto``'s bound on everything the
+  kernel caches; it covers a file this mount is writing, whose ctime moves with every
+  write). A name can only appear through SETXATTR — through the mount we forget what we
+  knew of the node at once; on the host it is seen within that bound — or when a file is
+  created (a new file has no file capabilities: that much is known at CREATE). LISTXATTR
+  is answered from memory only under the ctime rule. ACLs keep working: the daemon stores
+  and returns them, and the kernel checks access with the mode bits (no FUSE_POSIX_ACL:
+  with it the kernel would send a GETXATTR for the ACL after every attribute refresh —
+  the same storm).
+* **Request deadlines.** Every request the daemon does not answer within the share's
+  request timeout fails with ETIMEDOUT: the device keeps the deadline and abandons it.
 
 Not supported: a remote (``tcp://``) share — a node-level passthrough needs the device
 actor in this process; ``connect(..., restart=True)`` shares (a restarted daemon invalidates
-every kernel inode: requests then fail with ENOTCONN/ESTALE); POSIX ACLs (kernel checks
-use the mode bits); supplementary groups are not sent to the daemon (FUSE 7.36 has no
-field for them), so creating a file in a directory writable only through a supplementary
-group fails with EACCES.
+every kernel inode: requests then fail with ENOTCONN/ESTALE); POSIX ACLs in the kernel's
+permission checks (they are stored and returned, but the kernel checks the mode bits);
+supplementary groups are not sent to the daemon (FUSE 7.36 has no field for them), so
+creating a file in a directory writable only through a supplementary group fails with
+EACCES. pyfuse3 keeps global state: one mount per process.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import logging
@@ -66,7 +111,7 @@ import signal
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,11 +139,10 @@ __all__ = ["FuseMount", "add_arguments", "cmd_mount", "mount"]
 READDIR_BUFFER = 64 << 10
 SYNTHETIC_INO = 1 << 63
 MAX_IO = 1 << 20
-# The kernel asks for security.capability before every write(2) (to drop file capabilities
-# like set-id bits); its absence is remembered as long as the daemon's attributes are
-# (cache=auto: 1 s), saving one round trip per write.
-CAPS_XATTR = b"security.capability"
-CAPS_CACHE_SECONDS = 1.0
+XATTR_MAX = 65536  # the largest value or name list Linux allows: one request is enough
+# Names Linux always lists when a file has them: a LISTXATTR without one proves it absent.
+LISTED_PREFIXES = (b"security.", b"system.posix_acl_")
+NO_CAPS = frozenset({b"security.capability"})  # a new file never has file capabilities
 _DOTS = (b".", b"..")
 _mount_lock = threading.Lock()  # pyfuse3 has one global session per process
 
@@ -117,50 +161,166 @@ def _fail(code: int | None) -> Any:
 # -- the device bridge: device futures that wake trio tasks ----------------------------------
 
 
-class _Device:
-    """Sends FUSE requests to the share's device from trio tasks.
+class _Waiter:
+    """A trio task parked until a set of device futures has completed."""
 
-    The device actor's thread completes the request's future; its callback reschedules
-    the trio task parked on it (cheaper than a trio.Event per request). Deadlines are the
-    device's own: a request the daemon does not answer fails with ETIMEDOUT there."""
+    __slots__ = ("device", "futures", "parked", "task")
+
+    def __init__(self, device: _Device, futures: Sequence[Future[Any]]) -> None:
+        self.device = device
+        self.futures = futures
+        self.parked = False
+        self.task: Any = None
+
+    def __call__(self, _: Future[Any]) -> None:
+        """A future's callback: on the device's thread (or at once, if already done)."""
+        for f in self.futures:
+            if not f.done():
+                return
+        self.device.ready(self)
+
+
+class _Device:
+    """Sends FUSE requests to the share's device from trio tasks (see the module doc).
+
+    Completions arrive on the device's interrupt thread: the waiters they finish are queued
+    and the trio thread is woken once per batch (``run_sync_soon`` when the queue was
+    empty). Deadlines are the device's: a request the daemon does not answer in the
+    client's timeout fails with ETIMEDOUT there (and is abandoned)."""
 
     def __init__(self, client: DeviceClient, token: Any) -> None:
         self.client = client
         self.token = token
+        self._ready: collections.deque[_Waiter] = collections.deque()
+        self._scheduled = False
+        self.submitted = 0
+
+    # -- completions ---------------------------------------------------------------------
+
+    def ready(self, waiter: _Waiter) -> None:  # any thread
+        self._ready.append(waiter)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self.token.run_sync_soon(self._resume)
+            except trio.RunFinishedError:
+                pass
+
+    def _resume(self) -> None:  # the trio thread
+        # Cleared before draining: a waiter queued after the last pop schedules a new run.
+        self._scheduled = False
+        ready = self._ready
+        while ready:
+            waiter = ready.popleft()
+            if waiter.parked:
+                waiter.parked = False
+                trio.lowlevel.reschedule(waiter.task)
+
+    async def wait(self, futures: Sequence[Future[Any]]) -> None:
+        """Until every future in ``futures`` is done (their callbacks are set here)."""
+        waiter = _Waiter(self, futures)
+        for f in futures:
+            f.add_done_callback(waiter)
+        while not all(f.done() for f in futures):
+            waiter.parked = True
+            waiter.task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> Any:
+                waiter.parked = False
+                for f in futures:
+                    if not f.done():
+                        self.client.abandon(f, wait=False)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, request: Any, ctx: m.Credentials | None = None,
+               sink: Any = None) -> Future[Any]:
+        future = self.client.submit(request, ctx=ctx, sink=sink)
+        self.submitted += 1
+        return future
 
     async def call(self, request: Any, ctx: m.Credentials | None = None) -> Any:
-        task = trio.lowlevel.current_task()
-        parked = True
-
-        def resume() -> None:  # on the trio thread
-            nonlocal parked
-            if parked:
-                parked = False
-                trio.lowlevel.reschedule(task)
-
-        def wake(_: Future[Any]) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(resume)
-
-        def abort(_: Any) -> Any:
-            nonlocal parked
-            parked = False
-            self.client.abandon(future, wait=False)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        future = self.client.submit(request, ctx=ctx, callback=wake)
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        value, error = future.result_or_error()
-        if error is not None:
-            raise _fail(getattr(error, "errno", None)) from None
-        return value
+        future = self.submit(request, ctx)
+        if not future.done():
+            await self.wait((future,))
+        return _result(future)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         """FORGET / BATCH_FORGET (the daemon sends no reply)."""
         self.client.forget(items)
 
 
+def _result(future: Future[Any]) -> Any:
+    value, error = future.result_or_error()
+    if error is not None:
+        raise _fail(getattr(error, "errno", None)) from None
+    return value
+
+
 # -- the operations --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Xattrs:
+    """What we know of one node's xattrs: learned when its ctime was ``ctime``, and good
+    for absent names until ``until`` whatever the ctime does (see the module doc)."""
+
+    ctime: int
+    until: float
+    names: frozenset[bytes] | None = None  # the whole list, when a LISTXATTR told us
+    absent: set[bytes] = field(default_factory=set)  # answered ENODATA
+
+    def lacks(self, name: bytes) -> bool:
+        if name in self.absent:
+            return True
+        return (self.names is not None and name not in self.names
+                and name.startswith(LISTED_PREFIXES))
+
+
+@dataclass(slots=True)
+class _Node:
+    """A daemon node the kernel holds (by its ino), and what we know of it."""
+
+    nodeid: int
+    lookups: int = 0
+    mode: int = 0
+    mtime: int = 0
+    size: int = 0
+    ctime: int = 0
+    fresh_until: float = 0.0  # monotonic time until which these attributes are current
+    valid: float = 0.0  # the daemon's attribute timeout in its last reply, seconds
+    xattrs: _Xattrs | None = None
+    xattr_gen: int = 0  # bumped by every SETXATTR/REMOVEXATTR through the mount
+    cached: tuple[int, int, int] | None = None  # (mtime, size, ctime) at the last open
+
+    def saw(self, attr: Attr, valid: float) -> None:
+        self.mode = attr.mode
+        self.mtime = attr.mtime_ns
+        self.size = attr.size
+        self.ctime = attr.ctime_ns
+        self.valid = valid
+        self.fresh_until = time.monotonic() + valid
+
+    def fresh(self) -> bool:
+        return self.fresh_until > time.monotonic()
+
+    def known_xattrs(self, *, strict: bool = False) -> _Xattrs | None:
+        """What we know that is still good: for absent names, or (``strict``) for the
+        whole list."""
+        x = self.xattrs
+        if x is None:
+            return None
+        now = time.monotonic()
+        if x.ctime == self.ctime and self.fresh_until > now:
+            return x
+        return x if not strict and x.until > now else None
+
+    def knowing(self, ctime: int) -> _Xattrs:
+        """A fresh record of what we know, learned at ``ctime`` (now)."""
+        return _Xattrs(ctime, time.monotonic() + self.valid)
 
 
 @dataclass(slots=True)
@@ -180,10 +340,15 @@ class _Dir:
     buf: list[DirentPlus] = field(default_factory=list)
     pos: int = 0
     resume: int = -1  # the kernel offset the buffered remainder continues
+    end: int = -1  # the offset at which the daemon last answered "no more entries"
 
 
 def _ctx(ctx: Any) -> m.Credentials:
     return (ctx.uid, ctx.gid, ctx.pid)
+
+
+def _valid(seconds: int, nsec: int) -> float:
+    return seconds + nsec / 1e9
 
 
 def _setid_bits(mode: int) -> int:
@@ -194,6 +359,11 @@ def _setid_bits(mode: int) -> int:
     if mode & stat_mod.S_ISGID and mode & stat_mod.S_IXGRP:
         bits |= stat_mod.S_ISGID
     return bits
+
+
+def _pieces(off: int, size: int, limit: int) -> list[tuple[int, int]]:
+    """(offset, length) pieces of at most ``limit`` bytes covering ``size`` bytes."""
+    return [(off + at, min(limit, size - at)) for at in range(0, size, limit)]
 
 
 class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # type: ignore[misc]
@@ -208,38 +378,45 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         self.dev = device
         self.max_read = max_read
         self.max_write = max_write
-        self.k2n: dict[int, int] = {pyfuse3.ROOT_INODE: FUSE_ROOT_ID}
+        self.nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(FUSE_ROOT_ID, lookups=1)}
         self.n2k: dict[int, int] = {FUSE_ROOT_ID: pyfuse3.ROOT_INODE}
-        self.lookups: dict[int, int] = {}  # kernel ino -> lookups the kernel holds
-        self.modes: dict[int, int] = {}  # node id -> last mode seen (set-id bookkeeping)
-        self.no_caps: dict[int, float] = {}  # node id -> until when it has no file caps
         self.files: dict[int, _File] = {}
         self.dirs: dict[int, _Dir] = {}
         self._next_fh = 1
+        self.kernel: collections.Counter[str] = collections.Counter()  # requests, by op
+        self.local: collections.Counter[str] = collections.Counter()  # answered here
+
+    def stats(self) -> dict[str, Any]:
+        return {"kernel": dict(self.kernel), "local": dict(self.local),
+                "nodes": len(self.nodes), "files": len(self.files), "dirs": len(self.dirs)}
 
     # -- inode table -------------------------------------------------------------------------
 
-    def _node(self, ino: int) -> int:
-        nodeid = self.k2n.get(ino)
-        if nodeid is None:
+    def _get(self, ino: int) -> _Node:
+        node = self.nodes.get(ino)
+        if node is None:
             raise _fail(errno.ESTALE)
-        return nodeid
+        return node
 
     def _ino_for(self, nodeid: int, host_ino: int) -> int:
         """The kernel ino for ``nodeid`` (existing, or the one it would get)."""
         ino = self.n2k.get(nodeid)
         if ino is not None:
             return ino
-        if host_ino <= pyfuse3.ROOT_INODE or host_ino >= SYNTHETIC_INO or host_ino in self.k2n:
+        if (host_ino <= pyfuse3.ROOT_INODE or host_ino >= SYNTHETIC_INO
+                or host_ino in self.nodes):
             return SYNTHETIC_INO | nodeid
         return host_ino
 
-    def _count(self, ino: int, nodeid: int) -> None:
-        """The kernel took one lookup of ``ino`` (= one the daemon counted on ``nodeid``)."""
-        if ino != pyfuse3.ROOT_INODE:
-            self.k2n[ino] = nodeid
-            self.n2k[nodeid] = ino
-            self.lookups[ino] = self.lookups.get(ino, 0) + 1
+    def _link(self, ino: int, e: EntryOut) -> _Node:
+        """The kernel took one lookup of ``ino`` (= one the daemon counted on the node)."""
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = _Node(e.nodeid)
+            self.n2k[e.nodeid] = ino
+        node.lookups += 1
+        node.saw(e.attr, _valid(e.attr_valid, e.attr_valid_nsec))
+        return node
 
     def _attributes(self, attr: Attr, ino: int, attr_timeout: float) -> Any:
         a = pyfuse3.EntryAttributes()
@@ -258,43 +435,43 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         a.attr_timeout = attr_timeout
         return a
 
-    def _attr_reply(self, nodeid: int, ino: int, out: AttrOut) -> Any:
-        self.modes[nodeid] = out.attr.mode
-        return self._attributes(out.attr, ino, out.attr_valid + out.attr_valid_nsec / 1e9)
+    def _attr_reply(self, node: _Node, ino: int, out: AttrOut) -> Any:
+        valid = _valid(out.attr_valid, out.attr_valid_nsec)
+        node.saw(out.attr, valid)
+        return self._attributes(out.attr, ino, valid)
 
     def _entry(self, e: EntryOut) -> Any:
         """An entry reply: count the lookup it carries and build the kernel's entry."""
         ino = self._ino_for(e.nodeid, e.attr.ino)
-        self._count(ino, e.nodeid)
+        self._link(ino, e)
         return self._entry_attributes(e, ino)
 
     def _entry_attributes(self, e: EntryOut, ino: int) -> Any:
-        self.modes[e.nodeid] = e.attr.mode
-        a = self._attributes(e.attr, ino, e.attr_valid + e.attr_valid_nsec / 1e9)
+        a = self._attributes(e.attr, ino, _valid(e.attr_valid, e.attr_valid_nsec))
         a.generation = e.generation
-        a.entry_timeout = e.entry_valid + e.entry_valid_nsec / 1e9
+        a.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
         return a
 
-    def _forget_daemon(self, items: list[tuple[int, int]]) -> None:
-        self.dev.forget(items)
+    def _new_entry(self, e: EntryOut) -> Any:
+        """An entry the daemon has just created: it has no file capabilities yet."""
+        a = self._entry(e)
+        node = self.nodes[a.st_ino]
+        node.xattrs = node.knowing(node.ctime)
+        node.xattrs.absent.update(NO_CAPS)
+        return a
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         items: list[tuple[int, int]] = []
         for ino, n in inode_list:
-            nodeid = self.k2n.get(ino)
-            if nodeid is None or ino == pyfuse3.ROOT_INODE:
+            node = self.nodes.get(ino)
+            if node is None or ino == pyfuse3.ROOT_INODE:
                 continue
-            left = self.lookups.get(ino, 0) - n
-            if left <= 0:
-                self.lookups.pop(ino, None)
-                self.k2n.pop(ino, None)
-                self.n2k.pop(nodeid, None)
-                self.modes.pop(nodeid, None)
-                self.no_caps.pop(nodeid, None)
-            else:
-                self.lookups[ino] = left
-            items.append((nodeid, n))
-        self._forget_daemon(items)
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self.nodes[ino]
+                self.n2k.pop(node.nodeid, None)
+            items.append((node.nodeid, n))
+        self.dev.forget(items)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -303,13 +480,13 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
 
     # -- set-id bits (see module doc) -------------------------------------------------------
 
-    async def _kill_setid(self, nodeid: int, ino: int, notify: bool) -> AttrOut | None:
-        bits = _setid_bits(self.modes.get(nodeid, 0))
+    async def _kill_setid(self, node: _Node, ino: int, notify: bool) -> AttrOut | None:
+        bits = _setid_bits(node.mode)
         if not bits:
             return None
-        out: AttrOut = await self.dev.call(
-            rq.setattr(nodeid, mode=self.modes[nodeid] & 0o7777 & ~bits))
-        self.modes[nodeid] = out.attr.mode
+        out: AttrOut = await self.dev.call(rq.setattr(node.nodeid,
+                                                      mode=node.mode & 0o7777 & ~bits))
+        node.saw(out.attr, _valid(out.attr_valid, out.attr_valid_nsec))
         if notify:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(ino, attr_only=True)
@@ -318,22 +495,23 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
     # -- metadata -----------------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
-        e: EntryOut = await self.dev.call(rq.lookup(self._node(parent_inode), name), _ctx(ctx))
+        parent = self._get(parent_inode)
+        e: EntryOut = await self.dev.call(rq.lookup(parent.nodeid, name), _ctx(ctx))
         if e.nodeid == 0:  # a negative entry, cacheable for entry_valid
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
-            a.entry_timeout = e.entry_valid + e.entry_valid_nsec / 1e9
+            a.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
             return a
         return self._entry(e)
 
     async def getattr(self, inode: int, ctx: Any) -> Any:
-        nodeid = self._node(inode)
-        return self._attr_reply(nodeid, inode, await self.dev.call(rq.getattr(nodeid),
-                                                                    _ctx(ctx)))
+        node = self._get(inode)
+        return self._attr_reply(node, inode, await self.dev.call(rq.getattr(node.nodeid),
+                                                                  _ctx(ctx)))
 
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> Any:
-        nodeid = self._node(inode)
+        node = self._get(inode)
         kwargs: dict[str, Any] = {}
         opened = self.files.get(fh) if fh is not None else None
         if opened is not None:
@@ -343,9 +521,9 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         if fields.update_mode:
             kwargs["mode"] = attr.st_mode & 0o7777
         elif fields.update_size and ctx.uid != 0:
-            bits = _setid_bits(self.modes.get(nodeid, 0))
+            bits = _setid_bits(node.mode)
             if bits:  # truncate(2) by an unprivileged caller clears set-id bits on ext4
-                kwargs["mode"] = self.modes[nodeid] & 0o7777 & ~bits
+                kwargs["mode"] = node.mode & 0o7777 & ~bits
         if fields.update_uid:
             kwargs["uid"] = attr.st_uid
         if fields.update_gid:
@@ -355,42 +533,42 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         if fields.update_mtime:
             kwargs["mtime"] = divmod(attr.st_mtime_ns, 1_000_000_000)
         if set(kwargs) <= {"fh"}:
-            out = await self.dev.call(rq.getattr(nodeid), _ctx(ctx))
+            out = await self.dev.call(rq.getattr(node.nodeid), _ctx(ctx))
         else:
-            out = await self.dev.call(rq.setattr(nodeid, **kwargs), _ctx(ctx))
-        return self._attr_reply(nodeid, inode, out)
+            out = await self.dev.call(rq.setattr(node.nodeid, **kwargs), _ctx(ctx))
+        return self._attr_reply(node, inode, out)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return await self.dev.call(rq.readlink(self._node(inode)), _ctx(ctx))
+        return await self.dev.call(rq.readlink(self._get(inode).nodeid), _ctx(ctx))
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> Any:
         # The kernel has applied the umask already (no FUSE_DONT_MASK): send 0.
-        req = rq.mknod(self._node(parent_inode), name, mode, rdev, 0)
-        return self._entry(await self.dev.call(req, _ctx(ctx)))
+        req = rq.mknod(self._get(parent_inode).nodeid, name, mode, rdev, 0)
+        return self._new_entry(await self.dev.call(req, _ctx(ctx)))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        req = rq.mkdir(self._node(parent_inode), name, mode, 0)
-        return self._entry(await self.dev.call(req, _ctx(ctx)))
+        req = rq.mkdir(self._get(parent_inode).nodeid, name, mode, 0)
+        return self._new_entry(await self.dev.call(req, _ctx(ctx)))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        req = rq.symlink(self._node(parent_inode), name, target)
+        req = rq.symlink(self._get(parent_inode).nodeid, name, target)
         return self._entry(await self.dev.call(req, _ctx(ctx)))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        req = rq.link(self._node(inode), self._node(new_parent_inode), new_name)
+        req = rq.link(self._get(inode).nodeid, self._get(new_parent_inode).nodeid, new_name)
         return self._entry(await self.dev.call(req, _ctx(ctx)))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.dev.call(rq.unlink(self._node(parent_inode), name), _ctx(ctx))
+        await self.dev.call(rq.unlink(self._get(parent_inode).nodeid, name), _ctx(ctx))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.dev.call(rq.rmdir(self._node(parent_inode), name), _ctx(ctx))
+        await self.dev.call(rq.rmdir(self._get(parent_inode).nodeid, name), _ctx(ctx))
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        req = rq.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
-                        name_new, flags)
+        req = rq.rename(self._get(parent_inode_old).nodeid, name_old,
+                        self._get(parent_inode_new).nodeid, name_new, flags)
         await self.dev.call(req, _ctx(ctx))
 
     async def statfs(self, ctx: Any) -> Any:
@@ -409,66 +587,112 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
 
     async def access(self, inode: int, mode: int, ctx: Any) -> None:
         # Only asked without default_permissions; answered by the daemon then.
-        await self.dev.call(rq.access(self._node(inode), mode), _ctx(ctx))
+        await self.dev.call(rq.access(self._get(inode).nodeid, mode), _ctx(ctx))
 
-    # -- extended attributes ------------------------------------------------------------------
+    # -- extended attributes (see "Caches" in the module doc) --------------------------------
+
+    async def _learn_xattrs(self, node: _Node, ctx: Any) -> _Xattrs | None:
+        """One LISTXATTR: the node's names, remembered under the ctime we had before
+        asking (a change racing with the question then retires the answer at once)."""
+        ctime, gen = node.ctime, node.xattr_gen
+        try:
+            names = await self.dev.call(rq.listxattr(node.nodeid, XATTR_MAX), _ctx(ctx))
+        except pyfuse3.FUSEError:
+            return None  # no list (not supported, too long): ask for the name itself
+        known = node.knowing(ctime)
+        known.names = frozenset(names)
+        if gen == node.xattr_gen:
+            node.xattrs = known
+        return known
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        nodeid = self._node(inode)
-        caps = name == CAPS_XATTR
-        if caps and self.no_caps.get(nodeid, 0.0) > time.monotonic():
+        node = self._get(inode)
+        known = node.known_xattrs()
+        if (name.startswith(LISTED_PREFIXES) and (known is None or known.names is None)
+                and not (known is not None and name in known.absent)):
+            known = await self._learn_xattrs(node, ctx) or known
+        if known is not None and known.lacks(name):
+            self.local["getxattr"] += 1
             raise _fail(errno.ENODATA)
+        ctime, gen = node.ctime, node.xattr_gen
         try:
-            size = (await self.dev.call(rq.getxattr(nodeid, name, 0), _ctx(ctx))).size
+            return await self.dev.call(rq.getxattr(node.nodeid, name, XATTR_MAX), _ctx(ctx))
         except pyfuse3.FUSEError as exc:
-            if caps and exc.errno == errno.ENODATA:
-                self.no_caps[nodeid] = time.monotonic() + CAPS_CACHE_SECONDS
+            if exc.errno == errno.ENODATA and gen == node.xattr_gen:
+                x = node.xattrs
+                if x is None or x.ctime != ctime:
+                    x = node.xattrs = node.knowing(ctime)
+                x.absent.add(name)
             raise
-        if size == 0:
-            return b""
-        return await self.dev.call(rq.getxattr(nodeid, name, size), _ctx(ctx))
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        nodeid = self._node(inode)
-        self.no_caps.pop(nodeid, None)
-        await self.dev.call(rq.setxattr(nodeid, name, value, 0), _ctx(ctx))
+        node = self._get(inode)
+        node.xattrs = None
+        node.xattr_gen += 1
+        try:
+            await self.dev.call(rq.setxattr(node.nodeid, name, value, 0), _ctx(ctx))
+        finally:
+            node.xattrs = None
+            node.xattr_gen += 1
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        nodeid = self._node(inode)
-        size = (await self.dev.call(rq.listxattr(nodeid, 0), _ctx(ctx))).size
-        if size == 0:
-            return []
-        return await self.dev.call(rq.listxattr(nodeid, size), _ctx(ctx))
+        node = self._get(inode)
+        known = node.known_xattrs(strict=True)
+        if known is not None and known.names is not None:
+            self.local["listxattr"] += 1
+            return list(known.names)
+        known = await self._learn_xattrs(node, ctx)
+        if known is not None and known.names is not None:
+            return list(known.names)
+        return await self.dev.call(rq.listxattr(node.nodeid, XATTR_MAX), _ctx(ctx))
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        nodeid = self._node(inode)
-        self.no_caps.pop(nodeid, None)
-        await self.dev.call(rq.removexattr(nodeid, name), _ctx(ctx))
+        node = self._get(inode)
+        node.xattrs = None
+        node.xattr_gen += 1
+        try:
+            await self.dev.call(rq.removexattr(node.nodeid, name), _ctx(ctx))
+        finally:
+            node.xattrs = None
+            node.xattr_gen += 1
 
     # -- files ------------------------------------------------------------------------------
 
-    def _file_info(self, nodeid: int, ino: int, fh: int, flags: int, open_flags: int,
+    def _file_info(self, nodeid: int, ino: int, fh: int, flags: int, keep: bool,
                    ctx: Any) -> Any:
         mine = self._new_fh()
         self.files[mine] = _File(nodeid, ino, fh, flags, privileged=ctx.uid == 0)
         # Never direct_io: the page cache makes mmap work.
-        return pyfuse3.FileInfo(fh=mine, direct_io=False,
-                                keep_cache=bool(open_flags & FOPEN_KEEP_CACHE))
+        return pyfuse3.FileInfo(fh=mine, direct_io=False, keep_cache=keep)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        nodeid = self._node(inode)
-        out = await self.dev.call(rq.open(nodeid, flags), _ctx(ctx))
+        node = self._get(inode)
+        if node.fresh():
+            out = await self.dev.call(rq.open(node.nodeid, flags), _ctx(ctx))
+        else:  # attributes to compare with: asked for together with the OPEN
+            opened = self.dev.submit(rq.open(node.nodeid, flags), _ctx(ctx))
+            attrs = self.dev.submit(rq.getattr(node.nodeid), _ctx(ctx))
+            await self.dev.wait((opened, attrs))
+            out = _result(opened)
+            value, error = attrs.result_or_error()
+            if error is None:
+                node.saw(value.attr, _valid(value.attr_valid, value.attr_valid_nsec))
+        version = (node.mtime, node.size, node.ctime)
+        keep = version == node.cached or bool(out.open_flags & FOPEN_KEEP_CACHE)
+        node.cached = version
         if flags & os.O_TRUNC and ctx.uid != 0:
-            await self._kill_setid(nodeid, inode, notify=True)
-        return self._file_info(nodeid, inode, out.fh, flags, out.open_flags, ctx)
+            await self._kill_setid(node, inode, notify=True)
+        return self._file_info(node.nodeid, inode, out.fh, flags, keep, ctx)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[Any, Any]:
-        req = rq.create(self._node(parent_inode), name, flags, mode, 0)
+        req = rq.create(self._get(parent_inode).nodeid, name, flags, mode, 0)
         out = await self.dev.call(req, _ctx(ctx))
-        entry = self._entry(out.entry)
+        entry = self._new_entry(out.entry)
+        node = self.nodes[entry.st_ino]
+        node.cached = (node.mtime, node.size, node.ctime)  # its pages are all ours
         info = self._file_info(out.entry.nodeid, entry.st_ino, out.open.fh, flags,
-                               out.open.open_flags, ctx)
+                               bool(out.open.open_flags & FOPEN_KEEP_CACHE), ctx)
         return info, entry
 
     def _opened(self, fh: int) -> _File:
@@ -477,34 +701,49 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
             raise _fail(errno.EBADF)
         return f
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Any:
         f = self._opened(fh)
         flags = f.flags & 0xFFFFFFFF
         if size <= self.max_read:
             return await self.dev.call(rq.read(f.nodeid, f.fh, off, size, flags))
-        chunks = []
-        while size > 0:
-            n = min(size, self.max_read)
-            data = await self.dev.call(rq.read(f.nodeid, f.fh, off, n, flags))
-            chunks.append(data)
-            if len(data) < n:
-                break
-            off += n
-            size -= n
-        return b"".join(chunks)
+        # Larger than the daemon takes in one request: all the pieces at once, each landing
+        # in its place in one buffer.
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pieces = _pieces(off, size, self.max_read)
+        futures = [self.dev.submit(rq.read(f.nodeid, f.fh, at, n, flags),
+                                   sink=view[at - off:at - off + n]) for at, n in pieces]
+        await self.dev.wait(futures)
+        total = 0
+        for (_, n), future in zip(pieces, futures, strict=True):
+            got = _result(future)
+            total += got
+            if got < n:
+                break  # end of file: what follows is not contiguous
+        return view[:total]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._opened(fh)
-        if not f.privileged and f.nodeid in self.modes:
-            await self._kill_setid(f.nodeid, f.ino, notify=True)
+        node = self.nodes.get(f.ino)
+        if not f.privileged and node is not None and node.nodeid == f.nodeid:
+            await self._kill_setid(node, f.ino, notify=True)
         flags = f.flags & 0xFFFFFFFF
+        if node is not None:
+            # Its mtime, size and ctime are moving: what we hold for them is no version to
+            # compare the page cache with any more (the next open asks the daemon).
+            node.fresh_until = 0.0
+        if len(buf) <= self.max_write:
+            return (await self.dev.call(rq.write(f.nodeid, f.fh, off, buf, flags))).size
         view = memoryview(buf)
+        pieces = _pieces(off, len(buf), self.max_write)
+        futures = [self.dev.submit(rq.write(f.nodeid, f.fh, at, view[at - off:at - off + n],
+                                            flags)) for at, n in pieces]
+        await self.dev.wait(futures)
         done = 0
-        while done < len(view):
-            piece = view[done:done + self.max_write]
-            out = await self.dev.call(rq.write(f.nodeid, f.fh, off + done, piece, flags))
-            done += out.size
-            if out.size < len(piece):
+        for (_, n), future in zip(pieces, futures, strict=True):
+            wrote = _result(future).size
+            done += wrote
+            if wrote < n:
                 break
         return done
 
@@ -524,15 +763,15 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
     # -- directories --------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: Any) -> int:
-        nodeid = self._node(inode)
-        out = await self.dev.call(rq.opendir(nodeid), _ctx(ctx))
+        node = self._get(inode)
+        out = await self.dev.call(rq.opendir(node.nodeid), _ctx(ctx))
         mine = self._new_fh()
-        self.dirs[mine] = _Dir(nodeid, inode, out.fh)
+        self.dirs[mine] = _Dir(node.nodeid, inode, out.fh)
         return mine
 
     def _drop_buffer(self, d: _Dir) -> None:
         """Give back the lookups held by buffered entries the kernel never took."""
-        self._forget_daemon([(e.entry.nodeid, 1) for e in d.buf[d.pos:] if e.entry.nodeid])
+        self.dev.forget([(e.entry.nodeid, 1) for e in d.buf[d.pos:] if e.entry.nodeid])
         d.buf = []
         d.pos = 0
 
@@ -542,12 +781,19 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
             raise _fail(errno.EBADF)
         if d.pos < len(d.buf) and d.resume != start_id:
             self._drop_buffer(d)  # the kernel seeked (rewinddir, telldir/seekdir)
+        reply = pyfuse3.readdir_reply
         while True:
             if d.pos >= len(d.buf):
+                if start_id == d.end:
+                    # The daemon said "no more" at this offset while filling the kernel's
+                    # previous buffer: the kernel's call to confirm it needs no request.
+                    d.end = -1
+                    return
                 d.buf = await self.dev.call(
                     rq.readdirplus(d.nodeid, d.fh, start_id, READDIR_BUFFER))
                 d.pos = 0
                 if not d.buf:
+                    d.end = start_id
                     return
             e = d.buf[d.pos]
             name = e.dirent.name
@@ -561,13 +807,13 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
                 a = pyfuse3.EntryAttributes()
                 a.st_ino = d.ino if name == b"." else e.dirent.ino if name == b".." else 0
                 a.st_mode = e.dirent.type << 12
-            if not pyfuse3.readdir_reply(token, name, a, e.dirent.off):
+            if not reply(token, name, a, e.dirent.off):
                 d.resume = start_id
                 return
             if linked:
-                self._count(ino, e.entry.nodeid)
+                self._link(ino, e.entry)
             elif e.entry.nodeid:
-                self._forget_daemon([(e.entry.nodeid, 1)])  # counted by the daemon only
+                self.dev.forget([(e.entry.nodeid, 1)])  # counted by the daemon only
             d.pos += 1
             start_id = e.dirent.off
 
@@ -594,20 +840,20 @@ class _Operations(pyfuse3.Operations if pyfuse3 is not None else object):  # typ
         for fh in list(self.dirs):
             with contextlib.suppress(Exception):
                 await self.releasedir(fh)
-        self._forget_daemon([(self.k2n[ino], n) for ino, n in self.lookups.items()
-                             if ino in self.k2n])
-        self.lookups.clear()
-        self.k2n = {pyfuse3.ROOT_INODE: FUSE_ROOT_ID}
+        self.dev.forget([(node.nodeid, node.lookups) for ino, node in self.nodes.items()
+                         if ino != pyfuse3.ROOT_INODE and node.lookups > 0])
+        self.nodes = {pyfuse3.ROOT_INODE: self.nodes[pyfuse3.ROOT_INODE]}
         self.n2k = {FUSE_ROOT_ID: pyfuse3.ROOT_INODE}
 
 
 def _guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn OSErrors into FUSEErrors and bugs into EIO: an exception escaping a handler
-    would end pyfuse3's main loop, i.e. the whole mount."""
+    """Turn OSErrors into FUSEErrors and bugs into EIO (an exception escaping a handler
+    would end pyfuse3's main loop, i.e. the whole mount); count the kernel's requests."""
 
-    async def handler(*args: Any) -> Any:
+    async def handler(self: _Operations, *args: Any) -> Any:
+        self.kernel[name] += 1
         try:
-            return await fn(*args)
+            return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
@@ -681,6 +927,14 @@ class FuseMount:
         self.error: BaseException | None = None
         self._token: Any = None
         self._ready = threading.Event()
+        self._ops: _Operations | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """The kernel's requests by operation (``kernel``), those answered without the
+        daemon (``local``), and the nodes and handles the kernel holds. Read from another
+        thread: a snapshot, not a transaction."""
+        ops = self._ops
+        return {} if ops is None else ops.stats()
 
     @property
     def mounted(self) -> bool:
@@ -715,7 +969,7 @@ def _terminate() -> None:
 
 
 async def _serve(fs: Any, mountpoint: str, options: set[str], handle_signals: bool,
-                 started: Callable[[Any], None]) -> None:
+                 started: Callable[[Any, _Operations], None]) -> None:
     token = trio.lowlevel.current_trio_token()
     device = _Device(fs.device_client, token)
     ops = _Operations(device, *_limits(fs))
@@ -728,7 +982,7 @@ async def _serve(fs: Any, mountpoint: str, options: set[str], handle_signals: bo
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_watch_signals)
-            started(token)
+            started(token, ops)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
@@ -777,15 +1031,16 @@ def mount(fs: Any, mountpoint: str, *, allow_other: bool = True, foreground: boo
         try:
             handle_signals = threading.current_thread() is threading.main_thread()
             trio.run(_serve, fs, mountpoint, opts, handle_signals,
-                     lambda token: on_ready() if on_ready is not None else None)
+                     lambda token, ops: on_ready() if on_ready is not None else None)
         finally:
             _mount_lock.release()
         return None
 
     handle = FuseMount(mountpoint)
 
-    def started(token: Any) -> None:
+    def started(token: Any, ops: _Operations) -> None:
         handle._token = token
+        handle._ops = ops
         handle._ready.set()
         if on_ready is not None:
             on_ready()

@@ -1574,6 +1574,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--virtiofsd", help="the virtiofsd binary (default: found as usual)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--mount", action="store_true", help="instead: the FUSE mount against "
+                   "libfuse's passthrough_ll (its options: pyvirtiofs bench --mount --help)")
 
 
 def params_from_args(args: argparse.Namespace) -> BenchParams:
@@ -1637,6 +1639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyvirtiofs bench", description=__doc__)
     configure_parser(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mount" in argv:  # the FUSE mount against passthrough_ll: a bench of its own
+        from pyvirtiofs.tools import mountbench
+        return mountbench.main([a for a in argv if a != "--mount"])
     args = parser.parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
