@@ -15,7 +15,6 @@ directory actor (data); errors are the ``OSError`` subclasses ``os`` raises, wit
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import logging
 import os
@@ -23,10 +22,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import pykka
 
 from pyvirtiofs.actors import messages as m
+from pyvirtiofs.actors.channel import RequestContext
 from pyvirtiofs.actors.device import DeviceActor
 from pyvirtiofs.actors.device_client import DeviceClient
 from pyvirtiofs.actors.published import PublishedAttrs
@@ -41,12 +40,16 @@ __all__ = ["DirEntry", "RawFile", "VirtioFS", "connect"]
 
 
 def connect(shared_dir: str | os.PathLike[str] | None = None, *, socket: str | None = None,
+            device: str | None = None,
             tag: str | None = None, root: str | None = None, virtiofsd: str | None = None,
             cache: str = "auto", busy_poll: bool = False, restart: bool = False,
             max_request: int | None = None, max_in_flight: int | None = None,
             read_ahead: bool = True, **transport_kwargs: Any) -> VirtioFS:
     """Open a share: ``connect(DIR)`` starts a private virtiofsd on DIR;
-    ``connect(socket=PATH)`` attaches to a daemon already listening there.
+    ``connect(socket=PATH)`` attaches to a daemon already listening there;
+    ``connect(device="pci:TAG")`` drives a virtio-fs device of the VM this runs in
+    (``pci:ADDRESS``, ``mmio:TAG``, ``mmio:0xADDRESS`` too; root, hugepages: see
+    docs/GUEST.md), taking ``completions=`` and ``take=`` among ``transport_kwargs``.
 
     ``restart``: when the daemon dies, the call that saw it fails (ENOTCONN) and the next
     call starts a new daemon and session; handles opened before fail with ESTALE. Only
@@ -56,9 +59,17 @@ def connect(shared_dir: str | os.PathLike[str] | None = None, *, socket: str | N
     ``read_ahead=False`` never requests data before it is asked for;
     ``max_request=65536, max_in_flight=1, read_ahead=False`` behaves like the Hermit driver.
     ``transport_kwargs`` go to the transport (``queue_size``, ``memory_size``, …)."""
-    if (shared_dir is None) == (socket is None):
-        raise TypeError("connect() takes a directory or socket=..., not both")
+    if sum(x is not None for x in (shared_dir, socket, device)) != 1:
+        raise TypeError("connect() takes exactly one of a directory, socket=... or device=...")
     config = SessionConfig(tag=tag, root=root, max_request=max_request, read_ahead=read_ahead)
+    if device is not None:
+        if restart:
+            raise ValueError("restart=True needs a directory: a device's daemon runs on the "
+                             "VM's host, out of our reach")
+        from pyvirtiofs.hw.guest import open_device
+
+        return VirtioFS(open_device(device, **transport_kwargs), config, busy_poll=busy_poll,
+                        max_in_flight=max_in_flight)
     if shared_dir is None:
         assert socket is not None
         if restart:
@@ -102,7 +113,11 @@ class _Connection:
     def _start(self, transport: VirtioTransport) -> None:
         self.transport = transport
         self.published = PublishedAttrs()
-        self.device = DeviceActor.start(transport, **self.device_options)
+        # The credentials requests carry by default: a daemon in a user namespace where we
+        # are root needs (0, 0) (the transport says so); otherwise the caller's own.
+        creds = getattr(transport, "default_credentials", None)
+        ctx = RequestContext(creds[0], creds[1], os.getpid()) if creds else None
+        self.device = DeviceActor.start(transport, ctx=ctx, **self.device_options)
         timeout = (self.config or SessionConfig()).request_timeout
         self.client = DeviceClient(self.device, timeout=timeout)
         # Every task completes: the device fails what it cannot answer by its deadline.
@@ -149,8 +164,11 @@ class VirtioFS(ShareFS):
         self._conn = _Connection(transport, config,
                                  {"busy_poll": busy_poll, "max_in_flight": max_in_flight},
                                  reopen)
-        self._owner = True
-        self.ctx: m.Credentials | None = None
+        # A daemon that needs other credentials than ours (root in a user namespace: uid
+        # and gid 0 there are us) sees the share as that user does: act as them throughout,
+        # the client's permission checks included.
+        creds = getattr(transport, "default_credentials", None)
+        self.ctx: m.Credentials | None = (creds[0], creds[1], os.getpid()) if creds else None
 
     @property
     def transport(self) -> VirtioTransport:
@@ -170,15 +188,6 @@ class VirtioFS(ShareFS):
     def session(self) -> Any:
         """The session actor's ref (changes when the share restarts its daemon)."""
         return self._conn.session
-
-    def as_user(self, uid: int, gid: int, pid: int | None = None) -> VirtioFS:
-        """A view of this share whose requests carry other credentials (the FUSE request
-        context): the daemon checks permissions and assigns ownership as that user.
-        Closing the view does not close the share."""
-        view = copy.copy(self)
-        view._owner = False
-        view.ctx = (uid, gid, os.getpid() if pid is None else pid)
-        return view
 
     @property
     def daemon_pid(self) -> int | None:
@@ -200,8 +209,7 @@ class VirtioFS(ShareFS):
     def _ask_actor(self, ref: Any, message: Any, generation: int,
                    name: str | None = None) -> Any:
         """Ask ``ref`` (an actor of connection ``generation``) and translate its errors."""
-        if self.ctx is not None:
-            message = msgspec.structs.replace(message, ctx=self.ctx)
+        message = self._as_caller(message)
         try:
             return ref.ask(message, timeout=self._conn.wait_limit)
         except pykka.Timeout:

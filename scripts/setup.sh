@@ -80,4 +80,63 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test,fuse,fsspec,bench]'
     touch "$stamp"
 fi
+# A second environment for the tests that run as an unprivileged user
+# (tests/api/test_unprivileged.py): that user must be able to execute its interpreter, which
+# a Python built under root's home (mode 0700) is not. Made from the first interpreter an
+# unprivileged user can run, with the runtime and test dependencies at the versions .venv
+# has; world-readable. Only as root (only root can run tests as another user).
+uvenv=.cache/unprivileged-venv
+if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
+    ustamp="$uvenv/.pyvirtiofs-installed"
+    if [ ! -f "$ustamp" ] || [ pyproject.toml -nt "$ustamp" ]; then
+        upy=""
+        for cand in /usr/bin/python3 "$(command -v "$PY" 2>/dev/null || true)"; do
+            [ -n "$cand" ] || continue
+            if setpriv --reuid=65534 --regid=65534 --clear-groups "$cand" -c \
+                    'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+                upy="$cand"; break
+            fi
+        done
+        if [ -z "$upy" ] && [ -x /usr/bin/python3 ]; then
+            apt_install python3-venv  # Debian's python3 without its venv module
+            upy=/usr/bin/python3
+        fi
+        if [ -n "$upy" ]; then
+            rm -rf "$uvenv"
+            mkdir -p .cache
+            if ! "$upy" -m venv "$uvenv" >/dev/null 2>&1; then
+                rm -rf "$uvenv"
+                apt_install python3-venv
+                "$upy" -m venv "$uvenv"
+            fi
+            pins=$(.venv/bin/python -m pip freeze 2>/dev/null | grep -iE \
+                   '^(pykka|msgspec|pyzmq|tqdm|pytest|pytest-timeout|hypothesis)==' || true)
+            log=$(mktemp)
+            # shellcheck disable=SC2086  # one requirement per word
+            if ! "$uvenv/bin/python" -m pip install -q --disable-pip-version-check \
+                    ${pins:-pykka msgspec pyzmq tqdm pytest pytest-timeout hypothesis} \
+                    >"$log" 2>&1; then
+                cat "$log" >&2; rm -f "$log"; exit 1
+            fi
+            rm -f "$log"
+            chmod -R a+rX "$uvenv"
+            touch "$ustamp"
+        else
+            echo "setup: no Python >= 3.11 that an unprivileged user can run;" \
+                 "the unprivileged tests will fail" >&2
+        fi
+    fi
+fi
+# The mount bench (pyvirtiofs bench --mount): libfuse's passthrough_ll example (from
+# libfuse3-dev, installed above) and fsxlite (pyvirtiofs/tools/fsxlite.c), built into
+# .cache/mountbench by the bench's own --build; strace and py-spy for its --syscalls and
+# --profile. Not fatal: nothing but that bench needs them.
+command -v strace >/dev/null 2>&1 || apt_install strace || echo "setup: could not install strace" >&2
+[ -x .venv/bin/py-spy ] || .venv/bin/python -m pip install -q py-spy >/dev/null 2>&1 \
+    || echo "setup: could not install py-spy (pyvirtiofs bench --mount --profile)" >&2
+if [ ! -x .cache/mountbench/passthrough_ll ] || [ ! -x .cache/mountbench/fsxlite ] \
+        || [ pyvirtiofs/tools/fsxlite.c -nt .cache/mountbench/fsxlite ]; then
+    .venv/bin/python -m pyvirtiofs.tools.mountbench --build --quiet \
+        || echo "setup: could not build the mount bench's helpers" >&2
+fi
 echo "setup: ready (virtiofsd: $(find_virtiofsd))" >&2

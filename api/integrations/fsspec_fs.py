@@ -22,6 +22,7 @@ Where the share comes from — exactly one storage option:
 * ``share=DIR`` — start a private virtiofsd exporting DIR (``api.connect(DIR)``);
 * ``socket=PATH`` — attach to a virtiofsd listening there (``api.connect(socket=PATH)``);
 * ``remote="tcp://host:port"`` — a ``pyvirtiofs serve`` endpoint (``api.connect_remote``);
+  ``share="tcp://…"`` (or ``ipc://…``) is taken as ``remote=``;
 * ``vfs=OBJ`` — any object with the share interface of :class:`pyvirtiofs.api.fs.ShareFS` that you
   opened yourself (you also close it).
 
@@ -168,6 +169,10 @@ def close_connections() -> None:
 # -- the filesystem --------------------------------------------------------------------------
 
 
+#: share= values that name a `pyvirtiofs serve` endpoint rather than a folder.
+_REMOTE_SCHEMES = ("tcp://", "ipc://")
+
+
 class VirtioFileSystem(AbstractFileSystem):
     """A virtio-fs share as an fsspec filesystem.
 
@@ -205,6 +210,10 @@ class VirtioFileSystem(AbstractFileSystem):
         if len(given) != 1:
             raise ValueError("virtiofs needs exactly one of share=DIR, socket=PATH, "
                              f"remote='tcp://HOST:PORT' or vfs=OBJ (got {given or 'none'})")
+        if isinstance(share, str) and share.startswith(_REMOTE_SCHEMES):
+            # The endpoint of a `pyvirtiofs serve` given as share=: a folder's path never
+            # starts with a scheme, so connect remotely, as remote= does.
+            share, remote = None, share
         self.auto_mkdir = auto_mkdir
         self.block_size = block_size or CHUNK
         self._memo = threading.local()  # listings remembered during one expand_path()

@@ -22,10 +22,14 @@ from pyvirtiofs.hw.vhost_user.frontend import (
     VringConfig,
 )
 from pyvirtiofs.hw.vhost_user.launcher import (
+    LaunchMode,
+    UserNamespace,
     Virtiofsd,
+    VirtiofsdFailed,
+    check_shared_dir,
     detect_flavor,
     find_virtiofsd,
-    sandbox_candidates,
+    launch_candidates,
 )
 from pyvirtiofs.hw.virtqueue import SplitVirtqueue
 
@@ -62,6 +66,10 @@ class VhostUserTransport:
     ) -> None:
         self.frontend = frontend
         self.daemon = daemon
+        # The (uid, gid) every request must carry unless it says otherwise; None: the
+        # caller's own. A daemon in a user namespace where we are root needs (0, 0).
+        self.default_credentials: tuple[int, int] | None = (
+            daemon.credentials if daemon is not None else None)
         self.poll_interval = 0.0  # interrupts: never polled
         self._closed = False
         wanted = 0
@@ -191,35 +199,58 @@ def open_private_device(
 ) -> VhostUserTransport:
     """Start a private virtiofsd on ``shared_dir`` and connect to it.
 
-    When the daemon's namespace sandbox cannot be set up here (it dies right after our
-    connection, e.g. in a chroot or a container), fall back to the next sandbox mode and
-    say so in the log. The transport owns the daemon: closing it stops the daemon.
+    A missing ``shared_dir`` is ``FileNotFoundError`` naming it (``NotADirectoryError``
+    for something else); a named ``binary`` (or ``$PYVIRTIOFS_VIRTIOFSD``) that does not
+    exist is ``VirtiofsdNotFound``. Without root the daemon runs in a user namespace of
+    our own (see :mod:`~pyvirtiofs.hw.vhost_user.launcher`), and the transport's
+    :attr:`~VhostUserTransport.default_credentials` say what requests must carry.
+
+    When a way of starting the daemon fails here (its namespace sandbox cannot be set up in
+    a chroot or a container: it dies right after our connection), the next one is tried
+    and the log says so. When none works, :class:`VirtiofsdFailed` names the binary, how
+    it ended (exit status or signal) and the last line it wrote. The transport owns the
+    daemon: closing it stops the daemon.
     """
+    check_shared_dir(shared_dir)
     path = find_virtiofsd(binary)
-    modes = [sandbox] if sandbox else sandbox_candidates(detect_flavor(path))
-    last_error: Exception | None = None
-    for mode in modes:
-        daemon = Virtiofsd(shared_dir, binary=path, cache=cache, sandbox=mode).start()
+    flavor = detect_flavor(path)
+    candidates = launch_candidates(flavor)
+    if sandbox:
+        candidates = [c for c in candidates if c.sandbox == sandbox] or [LaunchMode(sandbox)]
+    errors: list[VirtiofsdFailed] = []
+    no_userns = False  # a user namespace cannot be made here: skip the modes that need one
+    for mode in candidates:
+        if no_userns and mode.userns is not UserNamespace.NONE:
+            continue
+        daemon = Virtiofsd(shared_dir, binary=path, cache=cache, sandbox=mode.sandbox,
+                           userns=mode.userns).start()
         try:
             transport = VhostUserTransport.connect(daemon.socket_path, daemon=daemon,
                                                    **transport_kwargs)
         except VhostUserError as exc:
             daemon.wait(2.0)
-            detail = daemon.stderr_text().strip()
+            failure = daemon.failure("exited at start" if not daemon.alive()
+                                     else f"did not answer ({exc.strerror})",
+                                     exc.errno or errno.ENOTCONN)
             daemon.stop()
-            last_error = VhostUserError(
-                exc.errno or errno.ENOTCONN,
-                f"virtiofsd (sandbox={mode}) failed: {exc.strerror}"
-                + (f"; daemon said: {detail.splitlines()[-1]}" if detail else ""),
-            )
-            log.warning("%s", last_error.strerror)
+            errors.append(failure)
+            log.warning("%s", failure.strerror)
+            no_userns = no_userns or (failure.errno == errno.EPERM
+                                      and mode.userns is not UserNamespace.NONE)
             continue
         except BaseException:
             daemon.stop()
             raise
-        if mode != modes[0]:
-            log.warning("virtiofsd runs with sandbox=%s (the %s sandbox failed here)",
-                        mode, modes[0])
+        if mode != candidates[0]:
+            log.warning("virtiofsd runs with sandbox=%s (%s failed here)", mode.sandbox,
+                        candidates[0].sandbox)
         return transport
-    assert last_error is not None
-    raise last_error
+    assert errors
+    # The first failure is the telling one (later modes are fall-backs); say what the
+    # others were when they failed differently.
+    first = errors[0]
+    others = [e.strerror for e in errors[1:] if e.outcome != first.outcome]
+    if others:
+        first.strerror = f"{first.strerror} (also tried: " + "; ".join(others) + ")"
+        first.args = (first.errno, first.strerror)
+    raise first

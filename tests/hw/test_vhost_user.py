@@ -165,5 +165,9 @@ def test_launcher_knows_the_command_line(share: Path) -> None:
         assert "--fd=7" in argv and f"source={share}" in argv
     else:
         assert "--shared-dir" in argv
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(FileNotFoundError) as info:
         Virtiofsd(share / "nope")
+    assert info.value.filename == str(share / "nope")
+    (share / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        Virtiofsd(share / "file")
