@@ -15,7 +15,7 @@ import pytest
 
 from pyvirtiofs.api import connect
 from pyvirtiofs.api.agent import ConfigError, load_config
-from pyvirtiofs.api.cli import _device_as_share
+from pyvirtiofs.api.cli.main import _device_as_share
 from pyvirtiofs.api.remote.keys import generate
 from pyvirtiofs.hw.guest import (
     DeviceSpec,
