@@ -7,6 +7,9 @@
 #   net        1: virtio-net with QEMU's user network (10.0.2.15/24, gateway 10.0.2.2)
 #   rootcache  9p cache mode of the host's root (read-only): loose or none
 #   msize      9p message size
+#   checkout   the host path of the project's checkout: its own 9p export (read-only) is
+#              mounted there in the chroot, so a checkout under /tmp (the chroot's /tmp
+#              is a tmpfs) is seen too
 #   views      virtio-fs devices left to the kernel's own virtiofs driver, as SLOT:NAME,...
 #              (PCI 0000:00:SLOT.0, tag view-NAME): each is mounted at
 #              /tmp/guest-shares/NAME in the chroot
@@ -60,6 +63,7 @@ load virtio_ring
 
 # PCI: steer the virtio-fs functions (1af4:105a) before virtio_pci can claim them.
 VIEWS=$(param views "" | tr ',' ' ')
+CHECKOUT=$(param checkout "")
 for d in /sys/bus/pci/devices/*; do
     [ -e "$d/vendor" ] || continue
     if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x105a ]; then
@@ -126,6 +130,11 @@ mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "mount tmp"
 [ -d $R/run ] && mount -t tmpfs -o mode=755 tmpfs $R/run
 mkdir -p $R/tmp/guest-results
 mount --bind $OUT $R/tmp/guest-results || fail "bind results"
+if [ -n "$CHECKOUT" ]; then
+    mkdir -p "$R$CHECKOUT"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=$MSIZE,cache=$ROOTCACHE,ro checkout \
+        "$R$CHECKOUT" || fail "mount checkout"
+fi
 [ -n "$VIEWS" ] && load virtiofs
 for v in $VIEWS; do
     mkdir -p $R/tmp/guest-shares/${v#*:}

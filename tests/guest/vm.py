@@ -511,6 +511,7 @@ class GuestVM:
             *([f"tsc_early_khz={self._tsc_khz}", "tsc=reliable"] if self._tsc_khz else []),
             f"pvfs.fsdrv={self.fs_driver}", f"pvfs.hugepages={self.hugepages}",
             f"pvfs.net={1 if self.ports else 0}", f"pvfs.rootcache={self.root_cache}",
+            f"pvfs.checkout={REPO}",
             *([f"pvfs.views={self._views()}"] if self.share_views else []),
             *self.extra_cmdline,
         ]
@@ -542,6 +543,10 @@ class GuestVM:
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,"
                       "multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            # The checkout on its own: under /tmp it would be hidden by the guest's tmpfs.
+            "-fsdev", f"local,id=checkout,path={REPO},security_model=none,readonly=on,"
+                      "multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=checkout,mount_tag=checkout",
             "-fsdev", f"local,id=results,path={self.results},security_model=none",
             "-device", "virtio-9p-pci,fsdev=results,mount_tag=results",
         ]
