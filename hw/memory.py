@@ -25,7 +25,7 @@ import mmap
 import os
 from types import TracebackType
 
-__all__ = ["DEFAULT_GPA_BASE", "PAGE_SIZE", "BufferAllocator", "GuestMemory"]
+__all__ = ["DEFAULT_GPA_BASE", "PAGE_SIZE", "BufferAllocator", "GuestMemory", "unmap"]
 
 PAGE_SIZE: int = mmap.PAGESIZE
 #: 1 GiB: far from 0 so that a zeroed or truncated address in a descriptor never lands in
@@ -173,21 +173,7 @@ class GuestMemory:
         """
         if self._closed:
             return
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                pass  # the view itself is exported; mm.close() below reports it
-            else:
-                self._view = None
-        error: BufferError | None = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError as exc:
-                error = exc
-            else:
-                self._mm = None
+        self._view, self._mm, error = unmap(self._view, self._mm)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -216,6 +202,29 @@ class GuestMemory:
     def _check_open(self) -> None:
         if self._closed or self._mm is None:
             raise ValueError("guest memory is closed")
+
+
+def unmap(view: memoryview | None, mm: mmap.mmap | None,
+          ) -> tuple[memoryview | None, mmap.mmap | None, BufferError | None]:
+    """Release ``view``, then unmap ``mm``. What is still held comes back with the error
+    that kept it (a slice of the view, or another export of the mapping, is alive: the
+    mapping stays valid for its holders and a second call finishes the job)."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            pass  # the view itself is exported; mm.close() below reports it
+        else:
+            view = None
+    error: BufferError | None = None
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError as exc:
+            error = exc
+        else:
+            mm = None
+    return view, mm, error
 
 
 def _mapping_address(mm: mmap.mmap) -> int:

@@ -26,6 +26,7 @@ from pyvirtiofs.hw.guest.errors import (
     hugepage_status,
     no_hugepages_error,
 )
+from pyvirtiofs.hw.memory import unmap
 
 __all__ = ["HugepageMemory", "PhysicalLayout", "read_pagemap"]
 
@@ -217,20 +218,10 @@ class HugepageMemory:
         a slice of :attr:`view` is alive (call again once it is gone)."""
         if self._closed:
             return
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                pass
-            else:
-                self._view = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError as exc:
-                raise BufferError("device memory is still exported (a slice of .view is "
-                                  "alive); release it and call close() again") from exc
-            self._mm = None
+        self._view, self._mm, error = unmap(self._view, self._mm)
+        if error is not None:
+            raise BufferError("device memory is still exported (a slice of .view is "
+                              "alive); release it and call close() again") from error
         self._closed = True
 
     def __repr__(self) -> str:

@@ -139,9 +139,11 @@ def host_open(path: str, flags: int) -> None:
     os.close(os.open(path, flags, 0o644))
 
 
-def host_append_session(path: str, data: bytes, plus: bool, size: int) -> list[Any]:
-    """What a program sees of a file opened for appending with the built-in open()."""
-    with open(path, "a+b" if plus else "ab") as f:
+def append_session(opener: Callable[..., Any], path: str, data: bytes, plus: bool,
+                   size: int) -> list[Any]:
+    """What a program sees of a file opened for appending with ``opener`` (the built-in
+    open on the host, the share's open on the share)."""
+    with opener(path, "a+b" if plus else "ab") as f:
         seen: list[Any] = [f.tell(), f.write(data), f.tell(), f.write(b""), f.tell()]
         f.truncate(size)
         seen.append(f.tell())
@@ -150,6 +152,10 @@ def host_append_session(path: str, data: bytes, plus: bool, size: int) -> list[A
             f.seek(0)
             seen.append(f.read(5))
         return seen
+
+
+def host_append_session(path: str, data: bytes, plus: bool, size: int) -> list[Any]:
+    return append_session(open, path, data, plus, size)
 
 
 def host_as(uid: int, gid: int, op: str, *args: Any) -> tuple[str, Any]:
@@ -432,18 +438,8 @@ class ShareVersusHost(RuleBasedStateMachine):
 
     @rule(path=paths, data=small_bytes, plus=st.booleans(), size=sizes)
     def append_positions(self, path: str, data: bytes, plus: bool, size: int) -> None:
-        def on_share() -> list[Any]:
-            with self.fs.open(path, "a+b" if plus else "ab") as f:
-                seen: list[Any] = [f.tell(), f.write(data), f.tell(), f.write(b""), f.tell()]
-                f.truncate(size)
-                seen.append(f.tell())
-                if plus:
-                    seen.append(f.read())
-                    f.seek(0)
-                    seen.append(f.read(5))
-                return seen
-
-        self.both(on_share, "host_append_session", absolute(path), data, plus, size)
+        self.both(lambda: append_session(self.fs.open, path, data, plus, size),
+                  "host_append_session", absolute(path), data, plus, size)
 
     @rule(path=paths, data=small_bytes, other=paths,
           op=st.sampled_from(["read", "create", "unlink", "mkdir", "rmdir", "rename", "chmod",
