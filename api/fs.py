@@ -131,7 +131,7 @@ class ShareFS(OsPathMixin, ShutilMixin, abc.ABC):
         return target if isinstance(path, bytes) else os.fsdecode(target)
 
     def mkdir(self, path: PathLike, mode: int = 0o777) -> None:
-        self._ask(m.MakeDir(path=_p(path), mode=mode, umask=_umask()))
+        self._ask(m.MakeDir(path=_p(path), mode=mode, umask=current_umask()))
 
     def makedirs(self, path: PathLike, mode: int = 0o777, exist_ok: bool = False) -> None:
         """As ``os.makedirs`` (the same steps, so the same errors: a file or a dangling
@@ -152,7 +152,7 @@ class ShareFS(OsPathMixin, ShutilMixin, abc.ABC):
 
     def mkfifo(self, path: PathLike, mode: int = 0o666) -> None:
         self._ask(m.MakeNode(path=_p(path), mode=stat_mod.S_IFIFO | (mode & 0o7777),
-                             umask=_umask()))
+                             umask=current_umask()))
 
     def remove(self, path: PathLike) -> None:
         self._ask(m.Unlink(path=_p(path)))
@@ -300,7 +300,7 @@ class ShareFS(OsPathMixin, ShutilMixin, abc.ABC):
     def open_raw(self, path: PathLike, flags: int, mode: int = 0o666) -> RawFile:
         """Open with ``os.open`` flags; returns an unbuffered :class:`RawFile`."""
         handle, flags = self._open_file(m.Open(path=_p(path), flags=flags, mode=mode,
-                                               umask=_umask()))
+                                               umask=current_umask()))
         return RawFile(self, handle, os.fsdecode(path), flags)
 
     def open(self, path: PathLike, mode: str = "r", buffering: int = -1,
@@ -344,7 +344,16 @@ class ShareFS(OsPathMixin, ShutilMixin, abc.ABC):
             return f.write(data)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only set it, and
+    setting it even briefly would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # no /proc: the old way
     os.umask(mask)
     return mask

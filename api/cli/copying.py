@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtiofs.api.cli.share import open_share
-from pyvirtiofs.api.fs import ShareFS
+from pyvirtiofs.api.fs import ShareFS, current_umask
 
 # -- copies ----------------------------------------------------------------------------------
 #
@@ -301,7 +301,7 @@ class _Copy:
         self.archive = archive
         self.progress = progress
         self.jobs = max(1, jobs)
-        self.umask = _current_umask()
+        self.umask = current_umask()
         self.lock = threading.Lock()
         self.copied = {"file": 0, "directory": 0, "symlink": 0, "special": 0}
         self.failed: list[str] = []
@@ -685,12 +685,6 @@ class _BigFile:
     bytes: int = 0
     error: BaseException | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _want_progress(args: argparse.Namespace) -> bool:
