@@ -17,7 +17,6 @@ The package's layers, each a subpackage (dependencies point one way, down):
     tools    the benchmark and the soak (loaded only by their commands)
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
 from pyvirtiofs.actors.session import SessionConfig
 from pyvirtiofs.api import (
@@ -32,10 +31,18 @@ from pyvirtiofs.api import (
 )
 from pyvirtiofs.api.remote.keys import client_keys
 
-try:
-    __version__ = version("pyvirtiofs")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    # The version comes from the installed metadata: read only when asked (importlib's
+    # metadata machinery costs every command ~25 ms otherwise).
+    if name == "__version__":
+        try:
+            return version("pyvirtiofs")
+        except PackageNotFoundError:  # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(f"module 'pyvirtiofs' has no attribute {name!r}")
 
 __all__ = [
     "CurveKeys",
