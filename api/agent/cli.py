@@ -36,7 +36,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"{config.path}: OK, {len(config.tenants)} tenant(s): "
               f"{', '.join(sorted(config.tenants))}")
         return 0
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, rate=config.log_rate)
     tune_malloc_for_servers()
     agent = Agent(config)
     try:

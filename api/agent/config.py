@@ -44,12 +44,15 @@ class LimitsConfig:
     bytes_in_flight: int | None = 256 << 20
     requests_per_second: float | None = None
     requests_in_flight: int | None = 64
+    connections: int | None = 64
+    max_bytes: int | None = None
 
     def to_server(self) -> TenantLimits:
         return TenantLimits(open_handles=self.open_handles,
                             bytes_in_flight=self.bytes_in_flight,
                             requests_per_second=self.requests_per_second,
-                            requests_in_flight=self.requests_in_flight)
+                            requests_in_flight=self.requests_in_flight,
+                            connections=self.connections)
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,23 @@ class AgentConfig:
     cache: str = "auto"
     log_format: str = "json"
     log_level: str = "info"
+    bytes_in_flight: int = 1 << 30  # over all tenants
+    max_connections: int = 1024  # authenticated connections, over all tenants
+    max_handshakes: int = 128  # connections still in their handshake
+    handshake_timeout: float = 2.0
+    fd_reserve: int = 256  # descriptors never given to connections
+    log_rate: int = 64 << 10  # bytes of log per second, at most (bursts: 4 s worth)
+    io_threads: int = 2
+    contended_bulk_rate: int = 64 << 20  # bulk bytes/s while other tenants are served
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
 
 _AGENT_KEYS = {"bind", "key_file", "runtime_dir", "heartbeat_timeout", "drain_timeout",
-               "virtiofsd", "cache", "log_format", "log_level"}
+               "virtiofsd", "cache", "log_format", "log_level", "bytes_in_flight",
+               "max_connections", "max_handshakes", "handshake_timeout", "fd_reserve",
+               "log_rate", "io_threads", "contended_bulk_rate"}
+_SIZE_KEYS = {"bytes_in_flight", "max_bytes", "log_rate"}
 _TENANT_KEYS = {"public_key", "share", "socket", "device", "root", "read_only", "uid", "gid",
                 "limits"}
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(LimitsConfig)}
@@ -354,6 +368,29 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     if log_level not in ("debug", "info", "warning", "error"):
         raise c.fail("log_level must be debug, info, warning or error", "agent", "log_level")
 
+    def count(key: str, default: int) -> int:
+        value = agent.get(key, default)
+        c.typed(value, int, key, "agent", key)
+        if value <= 0:
+            raise c.fail(f"{key} must be positive", "agent", key)
+        return int(value)
+
+    def size(key: str, default: int) -> int:
+        return _size_value(c, key, agent.get(key, default), "agent", key)
+
+    resources = {
+        "bytes_in_flight": size("bytes_in_flight", 1 << 30),
+        "log_rate": size("log_rate", 64 << 10),
+        "contended_bulk_rate": size("contended_bulk_rate", 64 << 20),
+        "max_connections": count("max_connections", 1024),
+        "max_handshakes": count("max_handshakes", 128),
+        "fd_reserve": count("fd_reserve", 256),
+        "io_threads": count("io_threads", 2),
+        "handshake_timeout": number("handshake_timeout", 2.0),
+    }
+    if resources["io_threads"] > 16:
+        raise c.fail("io_threads must be 16 or fewer", "agent", "io_threads")
+
     defaults = _limits(c, c.table(doc, "limits"), LimitsConfig(), "limits")
     tenants_table = c.table(doc, "tenants")
     tenants: dict[str, TenantConfig] = {}
@@ -381,7 +418,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         runtime_dir=runtime, heartbeat_timeout=number("heartbeat_timeout", 10.0),
         drain_timeout=number("drain_timeout", 10.0, zero_ok=True), virtiofsd=virtiofsd,
         cache=cache, log_format=log_format, log_level=log_level, tenants=tenants,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), **resources)  # type: ignore[arg-type]
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -394,14 +431,8 @@ def _limits(c: _Checker, table: dict[str, Any], base: LimitsConfig,
     values: dict[str, Any] = {}
     for name, value in table.items():
         where = (*key, name)
-        if name == "bytes_in_flight":
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise c.fail("bytes_in_flight must be a number of bytes or a size such as "
-                             "\"64MiB\"", *where)
-            try:
-                value = parse_size(value)
-            except ValueError as exc:
-                raise c.fail(str(exc), *where) from None
+        if name in _SIZE_KEYS:
+            value = _size_value(c, name, value, *where)
         elif name == "requests_per_second":
             c.typed(value, (int, float), name, *where)
             value = float(value)
@@ -411,6 +442,18 @@ def _limits(c: _Checker, table: dict[str, Any], base: LimitsConfig,
             raise c.fail(f"{name} must be positive (leave it out for no limit)", *where)
         values[name] = value
     return dataclasses.replace(base, **values)
+
+
+def _size_value(c: _Checker, name: str, value: Any, *where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise c.fail(f"{name} must be a number of bytes or a size such as \"64MiB\"", *where)
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise c.fail(str(exc), *where) from None
+    if size <= 0:
+        raise c.fail(f"{name} must be positive", *where)
+    return size
 
 
 def _tenant(c: _Checker, tid: str, table: dict[str, Any],
@@ -424,7 +467,8 @@ def _tenant(c: _Checker, tid: str, table: dict[str, Any],
         raise c.fail(f"tenant {tid!r} needs public_key (Z85 text, or the path of its "
                      ".key file)", *key)
     c.typed(pk, str, "public_key", *key, "public_key")
-    if keymod.is_z85_key(pk):
+    if keymod.is_z85_key(pk) and not os.path.exists(c.abspath(pk)):
+        # (a path can be 40 Z85 characters too: a file that exists is a file)
         public = pk.encode()
     else:
         try:
@@ -485,6 +529,9 @@ def _tenant(c: _Checker, tid: str, table: dict[str, Any],
     if not isinstance(limits_table, dict):
         raise c.fail("limits must be a table", *key, "limits")
     limits = _limits(c, limits_table, defaults, *key, "limits")
+    if limits.max_bytes is not None and source is None:
+        raise c.fail("limits.max_bytes needs a share folder (the agent measures the usage of "
+                     "the tenant's root)", *key, "limits")
     return TenantConfig(id=tid, public_key=public, share=share, socket=sock, root=root,
                         read_only=read_only, uid=uid, gid=gid, limits=limits, source=source,
                         line=c.where.line(*key), device=device)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import signal
 import threading
 import time
@@ -33,9 +34,15 @@ import zmq
 from pyvirtiofs.actors.session import SessionConfig
 from pyvirtiofs.api.agent.config import AgentConfig, ConfigError, TenantConfig, load_config
 from pyvirtiofs.api.agent.control import CONTROL_SOCKET, query_control
-from pyvirtiofs.api.agent.logs import log_event
+from pyvirtiofs.api.agent.logs import log_event, report_suppressed
 from pyvirtiofs.api.agent.tenant import AgentTenant
-from pyvirtiofs.api.agent.zap import ZAP_DOMAIN, ZapHandler
+from pyvirtiofs.api.agent.zap import (
+    GATE_BURST,
+    MONITOR_ENDPOINT,
+    MONITOR_EVENTS,
+    ZAP_DOMAIN,
+    ZapHandler,
+)
 from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.api.remote.server import ShareServer
 from pyvirtiofs.hw.vhost_user.transport import VhostUserTransport, open_private_device
@@ -56,12 +63,16 @@ class Agent:
         self.config = config
         self.tenants: dict[str, AgentTenant] = {}
         self._by_key: dict[str, AgentTenant] = {}
-        self.context: zmq.Context[Any] = zmq.Context(io_threads=int(os.environ.get("IOT", "1")))
+        # Two I/O threads: one connection's large replies (encrypted and written by an I/O
+        # thread) do not hold up another's.
+        self.context: zmq.Context[Any] = zmq.Context(io_threads=config.io_threads)
         self.server: ShareServer | None = None
         self.zap: ZapHandler | None = None
         self._control: threading.Thread | None = None
         self._control_stop = threading.Event()
-        self._signals: queue.Queue[int] = queue.Queue()
+        # Signals arrive through a SimpleQueue: its put is reentrant, so a handler that
+        # interrupts the main thread inside get() cannot deadlock on the queue's lock.
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.started_at = time.time()
         self._lock = threading.Lock()  # one reload/shutdown at a time
 
@@ -117,6 +128,9 @@ class Agent:
         sock.curve_secretkey = self.config.secret_key
         sock.zap_domain = ZAP_DOMAIN
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: nobody gets in
+        sock.setsockopt(zmq.BACKLOG, 128)
+        # The connection gate (in the ZAP thread) hears of every connection and its end.
+        sock.monitor(MONITOR_ENDPOINT, MONITOR_EVENTS)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -126,15 +140,24 @@ class Agent:
         for warning in cfg.warnings:
             log_event("config_warning", None, level=logging.WARNING, detail=warning)
         self._prepare_runtime_dir()
+        self._reserve_descriptors()
         try:
             for tc in cfg.tenants.values():
                 self.tenants[tc.id] = self._open_tenant(tc)
             self._by_key = {t.config.public_key.decode(): t for t in self.tenants.values()}
-            self.zap = ZapHandler(self.context, _zap_keys(self.tenants), log_event).start()
+            self.zap = ZapHandler(self.context, _zap_keys(self.tenants), log_event,
+                                  limits=_zap_limits(self.tenants),
+                                  max_connections=cfg.max_connections,
+                                  max_handshakes=cfg.max_handshakes,
+                                  monitor=MONITOR_ENDPOINT).start()
             self.server = ShareServer(
                 list(cfg.bind), tenant_of=self.tenant_of, context=self.context,
                 heartbeat_timeout=cfg.heartbeat_timeout, configure_socket=self._configure,
-                strict_tenants=True, on_event=self._server_event).start()
+                strict_tenants=True, on_event=self._server_event,
+                max_bytes_in_flight=cfg.bytes_in_flight, max_clients=cfg.max_connections,
+                contended_bulk_rate=cfg.contended_bulk_rate,
+                handshake_timeout=cfg.handshake_timeout).start()
+            self.zap.endpoints = list(self.server.endpoints)
             self._start_control()
         except BaseException:
             self._stop_everything()
@@ -142,6 +165,25 @@ class Agent:
         log_event("agent_started", None, pid=os.getpid(), endpoints=self.server.endpoints,
                   tenants=sorted(self.tenants), config=cfg.path)
         return self
+
+    def _reserve_descriptors(self) -> None:
+        """Make room for every connection the config allows, and keep ``fd_reserve``
+        descriptors beyond them for the agent itself; refuse to start otherwise."""
+        cfg = self.config
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = (len(os.listdir("/proc/self/fd")) + cfg.fd_reserve + cfg.max_connections
+                  + cfg.max_handshakes + GATE_BURST + 64 * len(cfg.tenants))
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            raise OSError(errno.EMFILE, f"the descriptor limit ({soft}) is too low for "
+                          f"max_connections {cfg.max_connections} + max_handshakes "
+                          f"{cfg.max_handshakes} + fd_reserve {cfg.fd_reserve} and the "
+                          f"tenants' daemons ({needed} needed): raise it (ulimit -n) or "
+                          "lower max_connections")
 
     def _prepare_runtime_dir(self) -> None:
         d = self.config.runtime_dir
@@ -216,6 +258,7 @@ class Agent:
         tenants = dict(self.tenants)
         stats = self.server.run_in_server(
             lambda: self.server.tenant_snapshot(list(tenants.values())))  # type: ignore[union-attr]
+        gate = self.zap.stats() if self.zap is not None else None
         out: dict[str, Any] = {}
         for tid, t in sorted(tenants.items()):
             tc = t.config
@@ -227,12 +270,17 @@ class Agent:
                 # (not probed while a restart is closing the old share)
                 "alive": not stats.get(tid, {}).get("restarting") and t.alive(),
                 "limits": dataclasses.asdict(tc.limits),
+                "connections": gate.per_tenant.get(tid, 0) if gate is not None else None,
+                **(t.quota.quota.snapshot() if t.quota is not None else {}),
             }
         return {"pid": os.getpid(), "uptime": time.time() - self.started_at,
                 "endpoints": self.server.endpoints, "config": self.config.path,
                 "requests": self.server.requests_served, "malformed": self.server.malformed,
                 "auth": {"accepted": self.zap.accepted if self.zap else 0,
                          "refused": self.zap.refused if self.zap else 0},
+                "connections": dataclasses.asdict(gate) if gate is not None else None,
+                "bytes_in_flight": self.server.bytes_in_flight,
+                "pipeline_bytes": self.server.pipeline_bytes,
                 "tenants": out}
 
     def reload(self) -> bool:
@@ -258,9 +306,12 @@ class Agent:
         for warning in new.warnings:
             log_event("config_warning", None, level=logging.WARNING, detail=warning)
         started: dict[str, AgentTenant] = {}
+        usage: dict[str, int | None] = {}
         for tid, tc in new.tenants.items():
             cur = self.tenants.get(tid)
             if cur is not None and cur.config.share_identity() == tc.share_identity():
+                if cur.quota is None and tc.limits.max_bytes is not None:
+                    usage[tid] = AgentTenant.measure_usage(tc)  # (not in the server thread)
                 continue
             try:
                 started[tid] = self._open_tenant(tc)
@@ -285,7 +336,7 @@ class Agent:
                     continue
                 if tc.public_key != cur.config.public_key:
                     self.server.drop_tenant(cur, "tenant's key changed")
-                cur.reconfigure(tc)
+                cur.reconfigure(tc, usage.get(tid))
                 tenants[tid] = cur
             for tid, t in started.items():
                 tenants[tid] = t
@@ -294,6 +345,7 @@ class Agent:
             self.tenants = tenants
             self._by_key = {t.config.public_key.decode(): t for t in tenants.values()}
             self.zap.keys = _zap_keys(tenants)
+            self.zap.limits = _zap_limits(tenants)
 
         self.server.run_in_server(apply, timeout=60)
         self.config = dataclasses.replace(new, bind=old.bind, public_key=old.public_key,
@@ -321,28 +373,48 @@ class Agent:
             self.zap.stop()
         self.context.term()
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # The only thing a handler does: SimpleQueue.put is reentrant (a handler may run
+        # while the main thread is inside get() on the same queue, and must not wait).
+        self._signals.put(signum)
+
     def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop. Returns 0."""
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop. Returns 0.
+
+        Signals that arrive together are taken together: any number of SIGHUPs is one
+        reload, and a SIGTERM among them wins."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda signum, frame: self._signals.put(signum))
+            signal.signal(sig, self._on_signal)
         self.start()
         while True:
+            report_suppressed()
             try:
-                signum = self._signals.get(timeout=0.5)
+                signals = [self._signals.get(timeout=0.5)]
             except queue.Empty:
                 continue
-            if signum == signal.SIGHUP:
-                log_event("reload_requested", None)
-                self.reload()
-            else:
-                log_event("signal", None, signal=signal.Signals(signum).name)
+            while True:
+                try:
+                    signals.append(self._signals.get_nowait())
+                except queue.Empty:
+                    break
+            stop = next((s for s in signals if s != signal.SIGHUP), None)
+            if stop is not None:
+                log_event("signal", None, signal=signal.Signals(stop).name,
+                          coalesced=len(signals))
                 break
+            log_event("reload_requested", None, coalesced=len(signals))
+            self.reload()
         self.shutdown()
+        report_suppressed()
         return 0
 
 
 def _zap_keys(tenants: dict[str, AgentTenant]) -> dict[bytes, str]:
     return {t.config.public_key: t.config.id for t in tenants.values()}
+
+
+def _zap_limits(tenants: dict[str, AgentTenant]) -> dict[str, int | None]:
+    return {t.config.id: t.config.limits.connections for t in tenants.values()}
 
 
 def _close_all(shares: list[VirtioFS]) -> None:

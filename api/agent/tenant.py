@@ -11,8 +11,10 @@ from typing import Any
 
 import msgspec
 
+from pyvirtiofs.actors.runtime import Future
 from pyvirtiofs.api.agent.config import TenantConfig
 from pyvirtiofs.api.agent.confine import confine
+from pyvirtiofs.api.agent.quota import Quota, QuotaExecutor, measure
 from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.api.remote.server import Tenant
 
@@ -21,7 +23,8 @@ log = logging.getLogger("pyvirtiofs.agent")
 
 
 class AgentTenant(Tenant):
-    """A configured tenant: its share, its confinement, and how to restart its share."""
+    """A configured tenant: its share, its confinement, its byte quota, and how to restart
+    its share."""
 
     def __init__(self, config: TenantConfig, fs: VirtioFS,
                  opener: Callable[[TenantConfig], VirtioFS]) -> None:
@@ -30,15 +33,42 @@ class AgentTenant(Tenant):
                          limits=config.limits.to_server())
         self.config = config
         self._opener = opener
+        self.quota: QuotaExecutor | None = None
+        self.set_quota(config, self.measure_usage(config))
 
     __hash__ = object.__hash__  # tenants are identities, not values
     __eq__ = object.__eq__
 
-    def reconfigure(self, config: TenantConfig) -> None:
-        """New settings that keep the share (mode, owner, limits, key): server thread."""
+    @staticmethod
+    def measure_usage(config: TenantConfig) -> int | None:
+        """The bytes the tenant's root uses now, if it has a quota (walks the root: call
+        it outside the server thread)."""
+        if config.limits.max_bytes is None or config.source is None:
+            return None
+        return measure(config.source)
+
+    def set_quota(self, config: TenantConfig, used: int | None) -> None:
+        limit = config.limits.max_bytes
+        if limit is None:
+            self.quota = None
+        elif self.quota is not None:
+            self.quota.quota.limit = limit
+        else:
+            self.quota = QuotaExecutor(Quota(limit, used or 0))
+
+    def reconfigure(self, config: TenantConfig, used: int | None = None) -> None:
+        """New settings that keep the share (mode, owner, limits, key): server thread.
+        ``used``: the root's usage, measured beforehand, if a quota is new."""
         self.config = config
         self.credentials = (config.uid, config.gid, os.getpid())
         self.limits = config.limits.to_server()
+        self.set_quota(config, used)
+
+    def execute(self, ref: Any, op: Any) -> Future[Any]:
+        quota = self.quota
+        if quota is None:
+            return super().execute(ref, op)
+        return quota.execute(ref, op)
 
     def admit(self, op: Any) -> Any:
         op = confine(self.config, op)

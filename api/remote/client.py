@@ -9,6 +9,15 @@ caller threads hand it requests through a queue and an eventfd, and wait for the
 reply, matched by id — so many requests can be outstanding per client. Every request has
 a timeout. The I/O thread also sends heartbeats, which keep the server from releasing our
 open handles, and says Bye on close.
+
+A server that dies is noticed within ``dead_after`` seconds (1.5 by default), whatever
+it was doing: ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the server's I/O
+thread, so a busy server is never mistaken for a dead one, and any traffic counts) close
+a connection that goes silent — a killed host, a stopped process — and a killed process
+closes it at once. A socket monitor tells the I/O thread, which fails every pending call
+with ``ENOTCONN``; calls made while the connection is down fail at once with
+``ENOTCONN`` too, until ZeroMQ has reconnected (a restarted server at the same endpoint
+is reached again; handles opened before are gone with the old server).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 
 import msgspec
 import zmq
+import zmq.utils.monitor
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.actors.doorbell import Doorbell
@@ -44,18 +54,24 @@ class CurveKeys:
     server_public: bytes
 
 
+DEAD_AFTER = 1.5  # seconds of silence after which the server is taken for dead
+
+
 def connect_remote(endpoint: str, *, timeout: float = 60.0, heartbeat_interval: float = 2.0,
-                   curve: CurveKeys | None = None, send_credentials: bool = True) -> RemoteFS:
+                   curve: CurveKeys | None = None, send_credentials: bool = True,
+                   dead_after: float = DEAD_AFTER) -> RemoteFS:
     """Connect to a ``pyvirtiofs serve`` (or agent) endpoint; returns a :class:`RemoteFS`.
 
     ``send_credentials``: send this process's uid/gid/pid with each request (the server
-    decides whether to believe them)."""
+    decides whether to believe them). ``heartbeat_interval``: how often the server is told
+    we are alive (it releases our handles after its own timeout). ``dead_after``: how long
+    the server may be silent before pending calls fail with ``ENOTCONN``."""
     return RemoteFS(endpoint, timeout=timeout, heartbeat_interval=heartbeat_interval,
-                    curve=curve, send_credentials=send_credentials)
+                    curve=curve, send_credentials=send_credentials, dead_after=dead_after)
 
 
 class _Call:
-    __slots__ = ("data", "done", "header", "op", "unreachable")
+    __slots__ = ("data", "done", "header", "lost", "op", "unreachable")
 
     def __init__(self, op: Any) -> None:
         self.op = op
@@ -63,6 +79,7 @@ class _Call:
         self.header: wire.ReplyHeader | None = None
         self.data: Any = None
         self.unreachable = False
+        self.lost: str | None = None  # why the connection went away before the reply
 
 
 def _raise(error: wire.WireError, name: str | None) -> None:
@@ -75,10 +92,13 @@ class RemoteFS(ShareFS):
     """A share on a server, reached over ZeroMQ. Thread-safe."""
 
     def __init__(self, endpoint: str, *, timeout: float = 60.0, heartbeat_interval: float = 2.0,
-                 curve: CurveKeys | None = None, send_credentials: bool = True) -> None:
+                 curve: CurveKeys | None = None, send_credentials: bool = True,
+                 dead_after: float = DEAD_AFTER) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
+        self.dead_after = dead_after
+        self._down: str | None = None  # why the connection is down (None: up, or not yet)
         self.curve = curve
         self.ctx = (os.geteuid(), os.getegid(), os.getpid()) if send_credentials else None
         self._ids = itertools.count(1)
@@ -100,22 +120,34 @@ class RemoteFS(ShareFS):
     # -- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        monitor: zmq.Socket[Any] | None = None
         try:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
+            # ZMTP heartbeats: a PING every ivl; no traffic at all for `timeout` after one
+            # and ZeroMQ closes the connection (the monitor below hears of it).
+            ivl = max(50, int(self.dead_after * 1000 / 3))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(self.dead_after * 1000) - ivl))
             if self.curve is not None:
                 sock.curve_publickey = self.curve.public
                 sock.curve_secretkey = self.curve.secret
                 sock.curve_serverkey = self.curve.server_public
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(self.endpoint)
         except BaseException as exc:
+            if monitor is not None:
+                monitor.close(0)
             self._error = OSError(errno.EINVAL, f"cannot connect to {self.endpoint}: {exc}")
             self._ready.set()
             return
         self._ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake.fileno(), zmq.POLLIN)
         next_ping = time.monotonic()
         try:
@@ -142,11 +174,39 @@ class RemoteFS(ShareFS):
                             call.done.set()
                 if events.get(sock):
                     self._receive(sock)
+                if events.get(monitor):
+                    self._watch(monitor)
         finally:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             for call in list(self._pending.values()):
                 call.done.set()  # header None: the connection is closed
 
+    def _watch(self, monitor: zmq.Socket[Any]) -> None:
+        """Connection events: a lost connection fails every pending call."""
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._down = None
+                continue
+            if kind == zmq.EVENT_DISCONNECTED:
+                why = (f"the connection to {self.endpoint} was lost (the server died, "
+                       "stopped answering, or closed it)")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = f"{self.endpoint} refused our key"
+            else:
+                why = f"the handshake with {self.endpoint} failed"
+            self._down = why
+            for request_id in list(self._pending):
+                call = self._pending.pop(request_id, None)
+                if call is not None:
+                    call.lost = why
+                    call.done.set()
     def _receive(self, sock: zmq.Socket[Any]) -> None:
         for _ in range(1024):
             try:
@@ -173,6 +233,9 @@ class RemoteFS(ShareFS):
         reply, when it comes, is dropped)."""
         if self._closing.is_set():
             raise OSError(errno.ENOTCONN, "the share is closed")
+        down = self._down
+        if down is not None and not isinstance(op, wire.Bye):
+            raise OSError(errno.ENOTCONN, down, name)
         if op.ctx is None:
             op = self._as_caller(op)
         request_id = next(self._ids)
@@ -191,6 +254,8 @@ class RemoteFS(ShareFS):
             raise OSError(errno.ETIMEDOUT, f"no reply from {self.endpoint} within "
                                            f"{self.timeout:g} s", name)
         header = call.header
+        if call.lost is not None:
+            raise OSError(errno.ENOTCONN, call.lost, name)
         if call.unreachable:
             raise OSError(errno.ENOTCONN, f"cannot reach {self.endpoint} (not connected, "
                                           "or its queue is full)", name)
@@ -251,7 +316,8 @@ class RemoteFS(ShareFS):
         with contextlib.suppress(OSError):
             saved, self.timeout = self.timeout, min(self.timeout, 2.0)
             try:
-                self._request(wire.Bye())
+                if self._down is None:
+                    self._request(wire.Bye())
             finally:
                 self.timeout = saved
         self._closing.set()

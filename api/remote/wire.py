@@ -12,13 +12,20 @@ Every message is a multipart ZeroMQ message:
   decoded by the client with the type :func:`result_type` gives for that op; a ``Read``
   answers with its bytes in one data frame.
 
-Everything a peer sends is validated on receipt (schema, sizes, frame counts); a bad
-message raises :class:`WireFormatError`, which the server turns into an error reply.
+Everything a peer sends is validated on receipt, before anything acts on it: the schema
+(every field of the declared type: msgspec refuses a ``bool`` for an ``int`` and a ``str``
+for ``bytes``), nesting (too deep is ``EINVAL``, never a ``RecursionError``), sizes, frame
+counts, and the range of every number — offsets and sizes as Linux checks them (beyond
+2⁶³−1, negative, or overflowing with the length: ``EINVAL``; ``fallocate`` past the largest
+file size: ``EFBIG``), ids and modes 32-bit, times ``"now"`` or (seconds, nanoseconds). A
+bad message raises :class:`WireFormatError` (with the errno to answer), which the server
+turns into an error reply: no handler ever sees an untyped or out-of-range value.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+from collections.abc import Callable
 from typing import Any, Union
 
 import msgspec
@@ -48,6 +55,10 @@ __all__ = [
 
 MAX_HEADER_BYTES = 1 << 20  # names, paths and xattr values travel in the header
 MAX_DATA_BYTES = 64 << 20  # one Read or Write; bigger transfers are split by the client
+MAX_FRAME_BYTES = MAX_DATA_BYTES + MAX_HEADER_BYTES  # ZeroMQ refuses bigger frames outright
+OFF_MAX = (1 << 63) - 1  # Linux's loff_t: the largest offset and file size
+U32_MAX = (1 << 32) - 1
+NGROUPS_MAX = 65536
 
 
 class WireFormatError(ValueError):
@@ -173,7 +184,12 @@ def decode_request(frames: list[Any]) -> RequestHeader:
         header = _request_decoder.decode(frames[0])
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"malformed request: {exc}") from None
+    except RecursionError:
+        raise WireFormatError("malformed request: nested too deeply") from None
+    if not 0 <= header.id <= OFF_MAX or not 0 <= header.handle <= OFF_MAX:
+        raise WireFormatError("request id or handle out of range")
     op = header.op
+    check_op(op)
     if isinstance(op, m.Write):
         if op.data is not None:
             raise WireFormatError("Write data must travel in a data frame")
@@ -182,9 +198,94 @@ def decode_request(frames: list[Any]) -> RequestHeader:
         _check_frames(frames, data_frames=0)
     if isinstance(op, HANDLE_OPS) and header.handle <= 0:
         raise WireFormatError("handle operation without a handle", errno_mod.EBADF)
-    if isinstance(op, m.Read) and not 0 <= op.size <= MAX_DATA_BYTES:
-        raise WireFormatError("read size out of range", errno_mod.EINVAL)
+    if isinstance(op, m.Write):
+        _check_span(op.offset, len(frames[1]))
     return header
+
+
+# -- value checks: what a kernel would refuse before doing anything -------------------------
+
+
+def _int(value: Any, lo: int, hi: int, what: str, code: int = errno_mod.EINVAL) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise WireFormatError(f"{what} out of range", code)
+
+
+def _check_span(offset: int | None, length: int) -> None:
+    """An explicit file offset and a length, as ``rw_verify_area`` checks them."""
+    if offset is not None and not (0 <= offset <= OFF_MAX and offset + length <= OFF_MAX):
+        raise WireFormatError("file offset out of range")
+
+
+def _check_time(value: Any, what: str) -> None:
+    if value is None or value == "now":
+        return
+    if isinstance(value, str):
+        raise WireFormatError(f"{what} must be \"now\" or (seconds, nanoseconds)")
+    seconds, nanoseconds = value
+    _int(seconds, -(1 << 63), OFF_MAX, what)
+    _int(nanoseconds, 0, 999_999_999, what)
+
+
+def _check_owner(value: int | None, what: str) -> None:
+    if value is not None and value != -1:
+        _int(value, 0, U32_MAX - 1, what)
+
+
+_FALLOC_MODES = 0x7F  # KEEP_SIZE PUNCH_HOLE NO_HIDE_STALE COLLAPSE ZERO INSERT UNSHARE
+
+
+def _check_fallocate(op: m.FAllocate) -> None:
+    if op.mode & ~_FALLOC_MODES:
+        raise WireFormatError("unsupported fallocate mode", errno_mod.EOPNOTSUPP)
+    if op.offset < 0 or op.length <= 0:
+        raise WireFormatError("fallocate offset or length out of range")
+    if op.offset + op.length > OFF_MAX:
+        raise WireFormatError("fallocate beyond the largest file size", errno_mod.EFBIG)
+
+
+def _check_read(op: m.Read) -> None:
+    _int(op.size, 0, MAX_DATA_BYTES, "read size")
+    _check_span(op.offset, op.size)
+
+
+_CHECKS: dict[type, Callable[[Any], None]] = {
+    m.Read: _check_read,
+    m.Write: lambda op: _int(op.offset, 0, OFF_MAX, "file offset"),
+    m.Seek: lambda op: (_int(op.offset, -(1 << 63), OFF_MAX, "seek offset"),
+                        _int(op.whence, 0, 4, "whence")),
+    m.FTruncate: lambda op: _int(op.size, 0, OFF_MAX, "file size"),
+    m.FAllocate: _check_fallocate,
+    m.Poll: lambda op: _int(op.events, 0, U32_MAX, "poll events"),
+    m.Access: lambda op: _int(op.mode, 0, 7, "access mode"),
+    m.SetXattr: lambda op: _int(op.flags, 0, 3, "xattr flags"),
+    m.SetAttr: lambda op: (_int(op.size, 0, OFF_MAX, "file size"),
+                           _check_owner(op.uid, "uid"), _check_owner(op.gid, "gid"),
+                           _check_time(op.atime, "atime"), _check_time(op.mtime, "mtime")),
+}
+_U32_FIELDS = ("mode", "umask", "rdev", "flags")  # 32 bits in every FUSE request
+
+
+def check_op(op: Any) -> None:
+    """Range checks of one decoded message (its types were checked by the decoder).
+    Raises :class:`WireFormatError`."""
+    ctx = op.ctx
+    if ctx is not None:
+        for value in ctx:
+            _int(value, 0, U32_MAX, "credentials")
+    groups = getattr(op, "groups", None)
+    if groups is not None:
+        if len(groups) > NGROUPS_MAX:
+            raise WireFormatError("too many supplementary groups")
+        for value in groups:
+            _int(value, 0, U32_MAX, "supplementary group")
+    for name in _U32_FIELDS:
+        value = getattr(op, name, None)
+        if type(value) is int:  # (SetAttr.mode may be None; Access.mode is checked below)
+            _int(value, 0, U32_MAX, name)
+    check = _CHECKS.get(type(op))
+    if check is not None:
+        check(op)
 
 
 def encode_reply(request_id: int, value: Any = None, error: WireError | None = None) -> bytes:

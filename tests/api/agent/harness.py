@@ -32,8 +32,8 @@ from pyvirtiofs.api.remote.client import RemoteFS, connect_remote
 from pyvirtiofs.api.remote.keys import client_keys, generate, load_public, load_secret
 from tests import REPO
 
-__all__ = ["AgentProc", "RawClient", "fd_count", "op_strategy", "start_agent", "toml_value",
-           "wait_for"]
+__all__ = ["AgentProc", "RawClient", "fd_count", "op_strategy", "rss_mib", "start_agent",
+           "toml_value", "wait_for"]
 
 
 
@@ -52,6 +52,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` (anonymous and shared: guest memory counts)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def process_gone(pid: int) -> bool:
@@ -137,8 +146,8 @@ class AgentProc:
         self._clients.append(fs)
         return fs
 
-    def raw(self, tenant: str | None) -> RawClient:
-        return RawClient(self.endpoint, self.keypair(tenant) if tenant else None)
+    def raw(self, tenant: str | None, options: dict[int, int] | None = None) -> RawClient:
+        return RawClient(self.endpoint, self.keypair(tenant) if tenant else None, options)
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
@@ -248,11 +257,14 @@ class RawClient:
     """A DEALER socket that sends exactly what it is told (for hostile and pipelined
     requests) and watches its own handshake through a socket monitor."""
 
-    def __init__(self, endpoint: str, curve: Any = None) -> None:
+    def __init__(self, endpoint: str, curve: Any = None,
+                 options: dict[int, int] | None = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, os.urandom(16))
+        for option, value in (options or {}).items():
+            self.sock.setsockopt(option, value)
         if curve is not None:
             self.sock.curve_publickey = curve.public
             self.sock.curve_secretkey = curve.secret

@@ -370,7 +370,7 @@ end = time.monotonic() + 60
 total = 0
 while time.monotonic() < end:
     with fs.open("big.bin", "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(8 << 20):
             total += len(chunk)
             print(total, flush=True)
 """
@@ -398,9 +398,9 @@ def _describe(samples: list[float]) -> str:
 
 
 def test_a_streaming_tenant_does_not_starve_another(site: Site) -> None:
-    """Tenant B's stat latency while tenant A streams a large file in a loop, against B's
-    latency with A paused. The two conditions alternate (A is paused with SIGSTOP), so the
-    noise of a shared machine falls on both alike."""
+    """Tenant B's stat latency (p99) while tenant A streams a large file in 8 MiB reads as
+    fast as it can, against B's latency with A paused. The two conditions alternate (A is
+    paused with SIGSTOP), so the noise of a shared machine falls on both alike."""
     agent = site.agent
     prober = agent.client("prober")
     _latencies(prober, 100)  # warm up
@@ -445,11 +445,16 @@ def test_a_streaming_tenant_does_not_starve_another(site: Site) -> None:
     prober.close()
     assert streamed >= 16 << 20, "the stream hardly flowed while we measured"
     rate = streamed / streaming_time / (1 << 20)
-    ratio = statistics.median(loaded) / statistics.median(idle)
+    ratio = p99(loaded) / p99(idle)
     print(f"\nfairness: tenant B stat, tenant A paused: {_describe(idle)}\n"
-          f"fairness: tenant B stat while tenant A streams {rate:.0f} MiB/s: "
-          f"{_describe(loaded)}\nfairness: median ratio {ratio:.2f}x (bound 5x)")
+          f"fairness: tenant B stat while tenant A streams {rate:.0f} MiB/s in 8 MiB reads: "
+          f"{_describe(loaded)}\nfairness: p99 ratio {ratio:.2f}x, median ratio "
+          f"{statistics.median(loaded) / statistics.median(idle):.2f}x (bound 5x on p99)")
     assert ratio <= 5.0
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98]
 
 
 # -- status, logs, reload, SIGTERM -----------------------------------------------------------------

@@ -1,0 +1,506 @@
+"""The agent under hostile load: every resource bounded, every signal handled.
+
+One test per way a tenant (or an unauthenticated peer) could exhaust the agent for
+everyone: signal storms, replies that are never read, message floods beyond the rate,
+log floods, connection floods (authenticated and half-open), and a byte quota. Each runs
+against a real agent process on loopback; each checks that a well-behaved tenant is
+served meanwhile, and the agent's own numbers (RSS, descriptors, log size) stay bounded.
+
+No sleeps to wait for something: every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from pyvirtiofs.actors import messages as m
+from pyvirtiofs.api.agent.quota import measure
+from pyvirtiofs.api.agent.zap import GATE_BURST
+from pyvirtiofs.api.remote import wire
+from pyvirtiofs.api.remote.client import RemoteFS
+from tests.api.agent.harness import (
+    REPO,
+    AgentProc,
+    fd_count,
+    rss_mib,
+    start_agent,
+    wait_for,
+)
+
+MIB = 1 << 20
+TOTAL_BYTES = 320 * MIB  # [agent] bytes_in_flight: what all tenants together may hold
+LOG_RATE = 8 << 10  # [agent] log_rate
+MAX_HANDSHAKES = 64
+TENANT_CONNECTIONS = 32
+QUOTA = 16 * MIB
+
+TENANTS: dict[str, dict[str, Any]] = {
+    "good": {},
+    "hog": {},
+    "pinger": {"limits": {"requests_per_second": 200}},
+    "noisy": {},
+    "flooder": {"limits": {"connections": TENANT_CONNECTIONS}},
+    "quota": {"limits": {"max_bytes": "16MiB"}},
+}
+
+
+@dataclass
+class Site:
+    agent: AgentProc
+    host: Path
+
+    def share(self, tenant: str) -> Path:
+        return self.host / tenant
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    host = tmp_path_factory.mktemp("hostile")
+    for tenant in TENANTS:
+        (host / tenant).mkdir()
+    (host / "good" / "good.bin").write_bytes(os.urandom(MIB))
+    (host / "hog" / "big.bin").write_bytes(os.urandom(MIB) * 64)
+    agent = start_agent(tmp_path_factory.mktemp("agent"),
+                        {t: {"share": str(host / t), **cfg} for t, cfg in TENANTS.items()},
+                        settings={"bytes_in_flight": "320MiB", "log_rate": "8KiB",
+                                  "max_handshakes": MAX_HANDSHAKES, "max_connections": 256,
+                                  "handshake_timeout": 1.0})
+    try:
+        yield Site(agent, host)
+    finally:
+        assert agent.terminate() == 0
+
+
+@pytest.fixture(scope="module")
+def good(site: Site) -> RemoteFS:
+    """A well-behaved tenant's long-lived session: every flood below must leave it served."""
+    return site.agent.client("good")
+
+
+def _good_works(site: Site, good: RemoteFS) -> None:
+    assert good.read_bytes("good.bin") == (site.share("good") / "good.bin").read_bytes()
+
+
+class _Prober:
+    """A well-behaved tenant working in a thread while a flood runs: its results are
+    checked, its slowest call kept."""
+
+    def __init__(self, site: Site, good: RemoteFS) -> None:
+        self.site, self.good = site, good
+        self.calls = 0
+        self.slowest = 0.0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                _good_works(self.site, self.good)
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
+            self.slowest = max(self.slowest, time.monotonic() - t0)
+            self.calls += 1
+
+    def __enter__(self) -> _Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self.errors, self.errors[0]
+        assert self.calls > 0
+
+
+# -- 1. signals -------------------------------------------------------------------------------
+
+
+def _storm(pid: int, sig: int, count: int) -> int:
+    """Send ``count`` signals as fast as possible; how many were sent (the process may go)."""
+    for i in range(count):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return i
+    return count
+
+
+def test_signal_storms_idle_and_under_load_always_reload_and_stop(tmp_path: Path) -> None:
+    """Thousands of SIGHUPs in bursts, idle and under load: every burst is followed by a
+    reload that applies the file as it is then (a revoked tenant is refused); then a storm
+    of SIGHUPs and SIGTERMs stops the agent cleanly (exit 0). A handler that waits for a
+    lock its own thread holds hangs the agent at the first unlucky signal."""
+    for t in ("a", "b"):
+        (tmp_path / t).mkdir()
+        (tmp_path / t / "f.bin").write_bytes(os.urandom(256 << 10))
+    tenants = {t: {"share": str(tmp_path / t)} for t in ("a", "b")}
+    agent = start_agent(tmp_path / "agent", tenants)
+    pid = agent.proc.pid
+    a, b = agent.client("a"), agent.client("b")
+    expected = (tmp_path / "a" / "f.bin").read_bytes()
+    stop_load = threading.Event()
+    load_errors: list[BaseException] = []
+    loaded = [0]
+
+    def load() -> None:
+        while not stop_load.is_set():
+            try:
+                assert a.read_bytes("f.bin") == expected
+                a.stat("f.bin")
+                loaded[0] += 1
+            except BaseException as exc:
+                load_errors.append(exc)
+                return
+
+    def limit_of_a() -> int:
+        return int(agent.status()["tenants"]["a"]["limits"]["open_handles"])
+
+    try:
+        sent = 0
+        for phase in ("idle", "loaded"):
+            loader = threading.Thread(target=load, daemon=True)
+            if phase == "loaded":
+                loader.start()
+            for burst in range(4):
+                value = 100 + burst + (10 if phase == "loaded" else 0)
+                tenants["a"]["limits"] = {"open_handles": value}
+                agent.rewrite_config({t: {**agent.tenants[t], **tenants[t]}
+                                      for t in tenants})
+                sent += _storm(pid, signal.SIGHUP, 1000)
+                wait_for(lambda v=value: limit_of_a() == v, 60,
+                         f"the reload after burst {burst} ({phase}) to apply {value}")
+                assert agent.proc.poll() is None
+            if phase == "loaded":
+                stop_load.set()
+                loader.join(60)
+                assert not load_errors, load_errors[0]
+                assert loaded[0] > 0
+        # A revocation sent inside a storm is applied.
+        agent.rewrite_config({"a": agent.tenants["a"]})
+        sent += _storm(pid, signal.SIGHUP, 1000)
+
+        def b_refused() -> bool:
+            try:
+                b.stat("f.bin")
+            except OSError as exc:
+                return exc.errno == errno.EACCES
+            return False
+        wait_for(b_refused, 60, "tenant b's revocation to be applied")
+        # SIGHUPs and SIGTERMs together: the agent stops, cleanly.
+        for _ in range(5):
+            sent += _storm(pid, signal.SIGHUP, 200)
+            sent += _storm(pid, signal.SIGTERM, 50)
+        print(f"\nsignal storm: {sent} signals, {loaded[0]} loaded iterations")
+        assert agent.proc.wait(60) == 0
+        assert any(e["event"] == "agent_stopped" for e in agent.logs())
+    finally:
+        stop_load.set()
+        agent.terminate()
+
+
+# -- 2. memory: replies that are never read -----------------------------------------------------
+
+
+def test_unread_replies_keep_the_agents_rss_under_its_total(site: Site, good: RemoteFS) -> None:
+    """24 reads of 64 MiB from a client that never takes the replies (its ZeroMQ socket
+    holds one message and stops reading the connection): replies count until they have
+    left, so the tenant's budget (256 MiB) fills and the rest is refused; the agent's RSS
+    grows by less than its configured total (320 MiB) — not 24 × 64 MiB."""
+    agent = site.agent
+    warm = agent.client("hog")  # guest memory and daemon warm (they are not the attack)
+    assert len(warm.read_bytes("big.bin")) == 64 * MIB
+    warm.close()
+    wait_for(lambda: agent.tenant_status("hog")["bytes_in_flight"] == 0, 20, "hog idle")
+    before = rss_mib(agent.proc.pid)
+    stubborn = agent.raw("hog", {zmq.RCVHWM: 1, zmq.RCVBUF: 64 << 10})
+    try:
+        reply = stubborn.call(m.Open(path=b"big.bin", flags=os.O_RDONLY))
+        handle = wire.decode_value(m.Open(path=b""), reply.value).handle
+        for _ in range(24):
+            stubborn.send(m.Read(size=64 * MIB, offset=0), handle)
+        peak = before
+        with _Prober(site, good):
+
+            def settled() -> bool:
+                nonlocal peak
+                peak = max(peak, rss_mib(agent.proc.pid))
+                s = agent.tenant_status("hog")
+                return (s["rejected"].get("EAGAIN", 0) >= 20 and s["requests_in_flight"] == 0
+                        and s["queued"] == 0 and s["unsent_bytes"] > 0)
+            try:
+                wait_for(settled, 60, "the agent to have taken all 24 reads")
+            except AssertionError:
+                print(agent.tenant_status("hog"), {k: v for k, v in agent.status().items()
+                                                   if k != "tenants"})
+                raise
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                peak = max(peak, rss_mib(agent.proc.pid))
+                time.sleep(0.05)
+        status = agent.status()
+        hog = status["tenants"]["hog"]
+        print(f"\nunread replies: RSS {before:.0f} -> peak {peak:.0f} MiB (+{peak - before:.0f}; "
+              f"total {TOTAL_BYTES // MIB} MiB); hog holds {hog['bytes_in_flight'] / MIB:.0f} "
+              f"MiB, {hog['unsent_bytes'] / MIB:.0f} MiB of it unsent; refused "
+              f"{hog['rejected']}")
+        assert hog["bytes_in_flight"] <= 256 * MIB
+        assert hog["unsent_bytes"] > 0  # what the client does not read still counts
+        assert status["bytes_in_flight"] <= TOTAL_BYTES
+        assert peak - before < TOTAL_BYTES / MIB
+    finally:
+        stubborn.close()
+    # Once the client is gone, so is what it held.
+    wait_for(lambda: agent.tenant_status("hog")["bytes_in_flight"] == 0, 30,
+             "the unread replies to be released")
+    _good_works(site, good)
+
+
+# -- 3. every message counts; the log is bounded ------------------------------------------------
+
+
+def test_every_message_counts_against_the_rate(site: Site, good: RemoteFS) -> None:
+    """A tenant limited to 200 requests/s sends 20,000 pings and 20,000 malformed
+    messages as fast as it can: at most the rate is served, refusals are answered up to
+    ten times the rate, and the rest is dropped unanswered."""
+    agent = site.agent
+    before = agent.tenant_status("pinger")
+    with agent.raw("pinger") as raw, _Prober(site, good):
+        ping = wire.encode_request(0, wire.Ping())
+        t0 = time.monotonic()
+        for i in range(20_000):
+            raw.send_frames([ping])
+            raw.send_frames([b"\x93\x01garbage" + i.to_bytes(4, "little")])
+        sent_for = time.monotonic() - t0
+        answered = ok = 0
+        while raw.sock.poll(1500):
+            header = wire.decode_reply(raw.sock.recv_multipart()[0])
+            answered += 1
+            ok += header.error is None
+        elapsed = time.monotonic() - t0
+    status = agent.tenant_status("pinger")
+    dropped = status["dropped"] - before["dropped"]
+    print(f"\nrate: 40,000 messages in {sent_for:.2f} s at 200/s: {ok} served, "
+          f"{answered - ok} refused, {dropped} dropped unanswered in {elapsed:.1f} s")
+    assert ok <= 200 * (elapsed + 1) + 200
+    assert answered <= 11 * 200 * (elapsed + 1) + 2200
+    assert dropped >= 40_000 - answered - 100  # (a few may still be on their way)
+    assert status["rejected"].get("EAGAIN", 0) > before["rejected"].get("EAGAIN", 0)
+
+
+def test_the_log_grows_no_faster_than_its_rate(site: Site, good: RemoteFS) -> None:
+    """A tenant that makes the agent log as much as it can (malformed messages, failing
+    requests, connections) for 5 s: the log grows by at most log_rate per second (plus
+    its 4-second burst), repeated lines say how many were held back, and a
+    ``log_suppressed`` line counts the rest."""
+    agent = site.agent
+    size0 = agent.log_path.stat().st_size
+    t0 = time.monotonic()
+    with _Prober(site, good):
+        with agent.raw("noisy") as raw:
+            while time.monotonic() - t0 < 5:
+                for i in range(200):
+                    raw.send_frames([b"\x92" + os.urandom(8)])  # malformed: one line each
+                    raw.send(m.Stat(path=f"missing-{i}".encode()))  # ENOENT: one line each
+                while raw.sock.poll(0):
+                    raw.sock.recv_multipart()
+        for _ in range(20):  # connections come and go: two lines each
+            agent.raw("noisy").close()
+    elapsed = time.monotonic() - t0
+    wait_for(lambda: any(e["event"] == "log_suppressed" for e in agent.logs()), 10,
+             "a log_suppressed line")
+    grown = agent.log_path.stat().st_size - size0
+    entries = agent.logs()
+    held = sum(e.get("suppressed", 0) for e in entries)
+    print(f"\nlog: grew {grown / 1024:.1f} KiB in {elapsed:.1f} s (rate {LOG_RATE // 1024} "
+          f"KiB/s); {held} repeated lines held back and counted")
+    assert grown <= LOG_RATE * (elapsed + 2 + 4) + 4096
+    assert held > 0
+
+
+# -- 4. connections -----------------------------------------------------------------------------
+
+FLOODER = """
+import sys, zmq
+from pyvirtiofs.api.remote.keys import client_keys
+keys = client_keys(sys.argv[2], sys.argv[3])
+ctx = zmq.Context()
+ctx.set(zmq.MAX_SOCKETS, 10000)
+socks = []
+for _ in range(int(sys.argv[4])):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = (
+        keys.public, keys.secret, keys.server_public)
+    s.connect(sys.argv[1])
+    socks.append(s)
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_flood_of_authenticated_connections_is_capped(site: Site, good: RemoteFS) -> None:
+    """One tenant opens 3,000 authenticated connections (which reconnect when refused):
+    it gets its cap and no more, the agent's descriptors stay bounded, and another
+    tenant is served meanwhile; when the flood ends the descriptors come back."""
+    agent = site.agent
+    base = fd_count(agent.proc.pid)
+    before = _fd_kinds(agent.proc.pid)
+    proc = subprocess.Popen([sys.executable, "-c", FLOODER, agent.endpoint,
+                             str(agent.keys / "flooder.key_secret"), str(agent.keys / "agent.key"),
+                             "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+                            text=True)
+    peak = base
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+        with _Prober(site, good) as prober:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                peak = max(peak, fd_count(agent.proc.pid))
+                time.sleep(0.05)
+            conns = agent.status()["connections"]
+        print(f"\nauthenticated flood: agent fds {base} -> peak {peak}; {conns}; the good "
+              f"tenant's slowest read {prober.slowest * 1000:.0f} ms")
+        assert conns["per_tenant"].get("flooder", 0) <= TENANT_CONNECTIONS
+        assert peak <= base + TENANT_CONNECTIONS + MAX_HANDSHAKES + GATE_BURST
+    finally:
+        proc.kill()
+        proc.wait()
+    _fds_back(agent, base, "the flood's fds to be closed", before)
+    _good_works(site, good)
+
+
+def test_a_flood_of_half_open_peers_is_capped(site: Site, good: RemoteFS) -> None:
+    """Plain TCP peers that send 10 greeting bytes and stop: at most max_handshakes of
+    them are held, each for the handshake timeout; the agent's descriptors stay bounded
+    and another tenant is served meanwhile."""
+    agent = site.agent
+    host, port = agent.endpoint.removeprefix("tcp://").rsplit(":", 1)
+    base = fd_count(agent.proc.pid)
+    before = _fd_kinds(agent.proc.pid)
+    peers: list[socket.socket] = []
+    peak = base
+    opened = 0
+    try:
+        with _Prober(site, good) as prober:
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline:
+                for _ in range(50):
+                    try:
+                        s = socket.create_connection((host, int(port)), timeout=2)
+                        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f")  # half a ZMTP greeting
+                    except OSError:
+                        continue
+                    peers.append(s)
+                    opened += 1
+                if len(peers) > 1500:  # (the test's own descriptors)
+                    for s in peers[:500]:
+                        s.close()
+                    del peers[:500]
+                peak = max(peak, fd_count(agent.proc.pid))
+        conns = agent.status()["connections"]
+        print(f"\nhalf-open flood: {opened} peers; agent fds {base} -> peak {peak}; {conns}; "
+              f"the good tenant's slowest read {prober.slowest * 1000:.0f} ms")
+        assert peak <= base + MAX_HANDSHAKES + GATE_BURST
+        assert conns["handshaking"] <= MAX_HANDSHAKES
+    finally:
+        for s in peers:
+            s.close()
+    _fds_back(agent, base, "the peers' fds to be closed", before)
+    _good_works(site, good)
+
+
+# -- 6. the byte quota --------------------------------------------------------------------------
+
+
+def _fd_kinds(pid: int) -> dict[str, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
+
+
+def _fds_back(agent: AgentProc, base: int, what: str, before: dict[str, str]) -> None:
+    """Wait until the agent's descriptors are back to ``base`` (give or take two)."""
+    try:
+        wait_for(lambda: fd_count(agent.proc.pid) <= base + 2, 30, what)
+    except AssertionError:
+        now = _fd_kinds(agent.proc.pid)
+        new = {fd: what for fd, what in now.items() if before.get(fd) != what}
+        raise AssertionError(f"{what}: {fd_count(agent.proc.pid)} fds (base {base}): new "
+                             f"{new}; {agent.status()['connections']}") from None
+
+
+def _raw_handle(raw: Any, path: bytes, flags: int) -> int:
+    reply = raw.call(m.Open(path=path, flags=flags, mode=0o644))
+    assert reply.error is None, reply.error
+    return int(wire.decode_value(m.Open(path=b""), reply.value).handle)
+
+
+def test_the_byte_quota_holds_for_write_fallocate_truncate_and_create(site: Site) -> None:
+    agent = site.agent
+    root = site.share("quota")
+    fs = agent.client("quota")
+    fs.write_bytes("eight", os.urandom(8 * MIB))
+    with pytest.raises(OSError) as info:
+        fs.write_bytes("twelve", os.urandom(12 * MIB))
+    assert info.value.errno == errno.EDQUOT
+    with agent.raw("quota") as raw:
+        handle = _raw_handle(raw, b"sparse", os.O_RDWR | os.O_CREAT)
+        big = raw.call(m.FAllocate(offset=0, length=1 << 40), handle)
+        assert big.error is not None and big.error.errno == errno.EDQUOT
+        grown = raw.call(m.FTruncate(size=1 << 40), handle)
+        assert grown.error is not None and grown.error.errno == errno.EDQUOT
+        assert raw.call(m.FAllocate(offset=0, length=MIB), handle).error is None
+        assert raw.call(m.Close(), handle).error is None
+    status = agent.tenant_status("quota")
+    assert status["used_bytes"] <= QUOTA and status["reserved_bytes"] == 0
+    fs.remove("twelve") if fs.exists("twelve") else None
+    fs.remove("eight")  # deleting frees its blocks at once
+    fs.write_bytes("twelve", os.urandom(12 * MIB))
+    # Many writers at once cannot overshoot: each reserves before it runs.
+    errors: list[int] = []
+
+    def writer(n: int) -> None:
+        for i in range(40):
+            try:
+                fs.write_bytes(f"w{n}-{i}", os.urandom(256 << 10))
+            except OSError as exc:
+                errors.append(exc.errno or 0)
+                return
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors and set(errors) == {errno.EDQUOT}
+    with pytest.raises(OSError) as info:
+        for i in range(64):
+            fs.mkdir(f"d{i}")  # creating takes a block each
+    assert info.value.errno == errno.EDQUOT
+    used = measure(str(root))
+    status = agent.tenant_status("quota")
+    print(f"\nquota: host usage {used / MIB:.2f} MiB of {QUOTA // MIB} MiB; the agent counts "
+          f"{status['used_bytes'] / MIB:.2f} MiB")
+    assert used <= QUOTA
+    assert abs(status["used_bytes"] - used) <= 256 << 10
+    fs.close()
