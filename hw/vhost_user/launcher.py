@@ -336,7 +336,8 @@ class Virtiofsd:
     @property
     def socket_path(self) -> str:
         if self._dir is None:
-            raise RuntimeError("virtiofsd not started")
+            raise RuntimeError("virtiofsd not started, or its socket was removed once "
+                               "the frontend connected")
         return os.path.join(self._dir, "vhost-user.sock")
 
     @property
@@ -486,13 +487,19 @@ class Virtiofsd:
                     proc.wait()
         self._cleanup_files()
 
+    def remove_socket_path(self) -> None:
+        """Remove the socket's folder once the frontend is connected: the daemon serves
+        one connection, so the path is not needed again, and a process killed later
+        (SIGKILL runs no clean-up) leaves nothing behind in the temporary folder."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
     def _cleanup_files(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self.remove_socket_path()
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

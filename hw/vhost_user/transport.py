@@ -241,6 +241,7 @@ def open_private_device(
         except BaseException:
             daemon.stop()
             raise
+        daemon.remove_socket_path()
         if mode != candidates[0]:
             log.warning("virtiofsd runs with sandbox=%s (%s failed here)", mode.sandbox,
                         candidates[0].sandbox)

@@ -7,8 +7,8 @@ The bench makes a scratch folder, fills it natively (untimed), and runs each wor
 
 * ``native`` — host-native Python ``os`` calls on the same folder: the reference;
 * ``inproc`` — pyvirtiofs in-process, on its own private virtiofsd (default tunables);
-* ``remote`` — pyvirtiofs over ZeroMQ tcp loopback, through ``api.connect_remote`` and a
-  ``pyvirtiofs serve`` subprocess; "n/a" until both exist (a pluggable runner);
+* ``remote`` — pyvirtiofs over ZeroMQ tcp loopback, through ``pyvirtiofs.connect_remote``
+  and a ``pyvirtiofs serve`` subprocess;
 * ``hermit`` — pyvirtiofs configured like the Hermit driver: 64 KiB requests, one request
   in flight (a 2-descriptor request queue), 64 KiB READDIR buffers.
 
@@ -1417,7 +1417,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def format_economy(report: dict[str, Any]) -> str:
     """Requests per operation beside the Linux kernel client's and the target."""
-    lines = ["| workload (op) | inproc | hermit | Linux kernel client (DESIGN §6) | target |",
+    lines = ["| workload (op) | inproc | hermit | Linux kernel client | target |",
              "|---|---|---|---|---|"]
     for w in WORKLOADS:
         cells = []

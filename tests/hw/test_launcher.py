@@ -25,7 +25,7 @@ from pyvirtiofs.hw.vhost_user.launcher import (
     find_virtiofsd,
     launch_candidates,
 )
-from pyvirtiofs.hw.vhost_user.transport import open_private_device
+from pyvirtiofs.hw.vhost_user.transport import VhostUserTransport, open_private_device
 from tests import REPO
 
 CLI = [sys.executable, "-m", "pyvirtiofs"]
@@ -162,3 +162,13 @@ def test_the_user_namespace_command_line(share: Path) -> None:
     assert "--map-root-user" in Virtiofsd(share, userns=UserNamespace.ROOT).command(7)
     assert Virtiofsd(share).command(7) == Virtiofsd(share).daemon_command(7) or \
         os.geteuid() != 0
+
+
+def test_a_launched_daemon_leaves_no_socket_behind_once_connected(
+        transport: VhostUserTransport) -> None:
+    """The socket's folder goes as soon as the frontend is connected, so a client killed
+    later (no clean-up runs on SIGKILL) leaves nothing in the temporary folder."""
+    daemon = transport.daemon
+    assert daemon is not None and daemon.alive()
+    with pytest.raises(RuntimeError):
+        daemon.socket_path  # noqa: B018 (the property raises once the folder is gone)
