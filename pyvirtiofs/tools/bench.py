@@ -35,6 +35,7 @@ import datetime
 import errno
 import functools
 import io
+import itertools
 import json
 import logging
 import os
@@ -1128,11 +1129,18 @@ def ring_floor(share: str, lay: Layout, p: BenchParams,
             def read_release() -> None:
                 call(rq.read(big, big_fh, 0, p.small_size), sink=sink)
 
+            # The 1 MiB requests move through the file as the sequential workloads do
+            # (reading one cached MiB over and over, or overwriting it, would be cheaper
+            # for the daemon than what the workloads ask of it).
+            read_at = itertools.count(0, MiB)
+            write_at = itertools.count(0, MiB)
+            big_size = p.big_size
+
             def read_1mib() -> None:
-                call(rq.read(big, big_fh, 0, MiB), sink=sink)
+                call(rq.read(big, big_fh, next(read_at) % big_size, MiB), sink=sink)
 
             def write_1mib() -> None:
-                call(rq.write(out_node, out_fh, 0, payload))
+                call(rq.write(out_node, out_fh, next(write_at), payload))
 
             measures = {
                 "GETATTR": (lambda: call(rq.getattr(node)), n),
