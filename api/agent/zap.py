@@ -1,25 +1,20 @@
-"""Who may connect, and how many: ZAP (ZeroMQ RFC 27) and the connection gate.
+"""Who may connect, and how many: the ZAP (ZeroMQ RFC 27) handler thread, and the
+connection gate's I/O.
 
 Only tenants' CURVE public keys pass the handshake, and the key names the tenant of every
 message on that connection. The same thread counts the connections of the agent's socket
-(its socket monitor reports each one accepted and each one gone, with its descriptor) and
-keeps them bounded:
+(its socket monitor reports each one accepted and each one gone, with its descriptor) in
+the gate's books (:class:`~pyvirtiofs.api.agent.gate.ConnectionGate`: the caps on
+handshakes, on connections in total and per tenant, and which tenant a connection is) and
+shuts down what they say is over a cap. ZeroMQ's handshake timeout (``ZMQ_HANDSHAKE_IVL``)
+drops a peer that never finishes its handshake.
 
-* **handshakes**: at most ``max_handshakes`` connections may be in their greeting and
-  handshake at once; beyond it a new connection is shut down as soon as it is accepted.
-  ZeroMQ's handshake timeout (``ZMQ_HANDSHAKE_IVL``) drops a peer that never finishes.
-* **in total**: at most ``max_connections`` connections (beyond it: shut down at once,
-  and ZAP refuses), so the process always keeps the descriptors the agent needs for
-  itself (its daemons, its control socket, restarts). The gate hears of a connection a
-  little after ZeroMQ accepted it, and ZeroMQ waits for the gate when it falls behind
-  (the monitor's queues are bounded), so a flood holds at most :data:`GATE_BURST` more
-  descriptors for a moment; the agent checks at start that its descriptor limit has room
-  for all of it beside ``fd_reserve``.
-* **per tenant**: ZAP refuses a tenant's key once the tenant has ``connections`` of its
-  own. Requests are answered one at a time, each only once the previous approved
-  connection has completed its handshake, so every connection is attributed to its tenant:
-  the descriptor that just completed is the handshaking one that has sent the most
-  (``TCP_INFO``; over ``ipc://`` the oldest handshaking one).
+The cap in total keeps the descriptors the agent needs for itself (its daemons, its control
+socket, restarts). The gate hears of a connection a little after ZeroMQ accepted it, and
+ZeroMQ waits for the gate when it falls behind (the monitor's queues are bounded), so a
+flood holds at most :data:`GATE_BURST` more descriptors for a moment; the agent checks at
+start that its descriptor limit has room for all of it beside ``fd_reserve``. Which
+descriptor just completed its handshake is told by ``TCP_INFO`` (the bytes it sent).
 
 A connection is shut down with ``shutdown(2)`` on its descriptor (after checking that the
 descriptor still is a connection of the agent's endpoint): ZeroMQ sees the peer gone and
@@ -28,7 +23,6 @@ cleans up as for any disconnect.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import socket
@@ -36,11 +30,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from zmq.utils import z85
+
+from pyvirtiofs.api.agent.gate import ConnectionGate, GateStats
 
 log = logging.getLogger("pyvirtiofs.agent")
 
@@ -55,19 +50,8 @@ ZMQ_MONITOR_SNDHWM = 1000  # ZeroMQ's side of it (its monitor socket's default h
 # (one event each in the worst case: ACCEPTED, with its DISCONNECTED still to come).
 GATE_BURST = ZMQ_MONITOR_SNDHWM + MONITOR_HWM
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about the same refused peer
-ATTRIBUTION_TIMEOUT = 1.0  # seconds an approved connection may take to complete
 _TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1+)
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: event, value
-
-
-@dataclass
-class GateStats:
-    """Connections as the gate counts them."""
-
-    handshaking: int = 0
-    connections: int = 0
-    per_tenant: dict[str, int] = field(default_factory=dict)
-    shut_down: int = 0  # connections closed at once (over a cap)
 
 
 class ZapHandler:
@@ -86,8 +70,8 @@ class ZapHandler:
         self.keys = keys
         self.limits = limits or {}
         self.event = event
-        self.max_connections = max_connections
-        self.max_handshakes = max_handshakes
+        self.gate = ConnectionGate(_bytes_acked, max_connections=max_connections,
+                                   max_handshakes=max_handshakes)
         self.monitor_endpoint = monitor
         self.endpoints: list[str] = []
         self._stop = threading.Event()
@@ -97,14 +81,7 @@ class ZapHandler:
         self.accepted = 0
         self.refused = 0
         self._refusals: dict[tuple[str, str, str | None], tuple[float, int]] = {}
-        # the gate's books (ZAP thread only; stats() copies them)
-        self._handshaking: collections.OrderedDict[int, float] = collections.OrderedDict()
-        self._conns: dict[int, str | None] = {}  # descriptor -> tenant
-        self._per_tenant: collections.Counter[str | None] = collections.Counter()
-        self._awaiting: tuple[str, float] | None = None  # approved, not yet completed
-        self.shut_down = 0
         self._local: set[Any] | None = None
-        self._to_shut: dict[int, str] = {}  # descriptors over a cap, shut after the batch
 
     def start(self) -> ZapHandler:
         self._thread.start()
@@ -118,8 +95,7 @@ class ZapHandler:
         self._thread.join(timeout=5)
 
     def stats(self) -> GateStats:
-        per = {t: n for t, n in list(self._per_tenant.items()) if t is not None and n}
-        return GateStats(len(self._handshaking), len(self._conns), per, self.shut_down)
+        return self.gate.stats()
 
     def _run(self) -> None:
         monitor: zmq.Socket[Any] | None = None
@@ -144,18 +120,17 @@ class ZapHandler:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                awaiting = self._awaiting
-                if awaiting is not None and time.monotonic() - awaiting[1] > ATTRIBUTION_TIMEOUT:
-                    self._awaiting = awaiting = None  # it never completed
-                if awaiting is None:
+                # The next ZAP request waits until the approved connection has completed.
+                awaiting = self.gate.awaiting(time.monotonic())
+                if not awaiting:
                     poller.register(sock, zmq.POLLIN)
                 else:
                     with contextlib.suppress(KeyError):
                         poller.unregister(sock)
-                events = dict(poller.poll(100 if awaiting is None else 20))
+                events = dict(poller.poll(20 if awaiting else 100))
                 if monitor is not None and events.get(monitor):
                     self._watch(monitor)
-                if events.get(sock) and self._awaiting is None:
+                if events.get(sock) and not self.gate.awaiting(time.monotonic()):
                     request = sock.recv_multipart()
                     try:
                         answer = self._answer(request)
@@ -173,11 +148,8 @@ class ZapHandler:
     # -- the gate ------------------------------------------------------------------------------
 
     def _watch(self, monitor: zmq.Socket[Any]) -> None:
-        """Take every queued event, then shut down what is over a cap. (A descriptor
-        number is only shut down once no later event says its connection is gone: ZeroMQ
-        reports a disconnect before it closes the descriptor, so a number that was
-        reused by then has its own events after it.)"""
-        self._to_shut: dict[int, str] = {}
+        """Tell the gate every queued event, then shut down what is over a cap."""
+        gate = self.gate
         for _ in range(100000):
             try:
                 frames = monitor.recv_multipart(zmq.NOBLOCK)
@@ -185,61 +157,13 @@ class ZapHandler:
                 break
             kind, value = _EVENT.unpack_from(frames[0])
             if kind == zmq.EVENT_ACCEPTED:
-                self._accepted(value)
+                gate.accepted(value, time.monotonic())
             elif kind == zmq.EVENT_DISCONNECTED:
-                self._gone(value)
+                gate.gone(value)
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._completed()
-        for fd, why in self._to_shut.items():
+                gate.completed()
+        for fd, why in gate.to_shut().items():
             self._shut(fd, why)
-        self._to_shut = {}
-
-    def _accepted(self, fd: int) -> None:
-        self._gone(fd)  # (a reused number: the old connection is gone)
-        over = None
-        if self.max_handshakes is not None and len(self._handshaking) >= self.max_handshakes:
-            over = "too many connections in their handshake"
-        elif (self.max_connections is not None
-              and len(self._handshaking) + len(self._conns) >= self.max_connections):
-            over = "the agent's connection limit"
-        if over is not None:
-            self._to_shut[fd] = over
-            return
-        self._handshaking[fd] = time.monotonic()
-
-    def _gone(self, fd: int) -> None:
-        self._to_shut.pop(fd, None)
-        self._handshaking.pop(fd, None)
-        if fd in self._conns:
-            tenant = self._conns.pop(fd)
-            self._per_tenant[tenant] -= 1
-            if self._per_tenant[tenant] <= 0:
-                del self._per_tenant[tenant]
-
-    def _completed(self) -> None:
-        """A connection finished its handshake: find which, and whose it is."""
-        tenant = self._awaiting[0] if self._awaiting is not None else None
-        self._awaiting = None
-        fd = self._just_completed()
-        if fd is None:
-            return
-        self._handshaking.pop(fd, None)
-        self._conns[fd] = tenant
-        self._per_tenant[tenant] += 1
-
-    def _just_completed(self) -> int | None:
-        """The handshaking descriptor that has sent the most (the READY that ends a CURVE
-        handshake), or the oldest where that cannot be told (not TCP)."""
-        best, best_sent, second = None, -1, -1
-        for fd in self._handshaking:
-            sent = _bytes_acked(fd)
-            if sent is None:
-                return next(iter(self._handshaking))
-            if sent > best_sent:
-                best, best_sent, second = fd, sent, best_sent
-            elif sent > second:
-                second = sent
-        return best
 
     def _shut(self, fd: int, why: str) -> None:
         """Shut a connection of our endpoint down (never any other descriptor: it is
@@ -259,7 +183,7 @@ class ZapHandler:
             return
         finally:
             s.detach()
-        self.shut_down += 1
+        self.gate.shut_down += 1
         self._refuse("-", why)
 
     def _ours(self, local: Any) -> bool:
@@ -319,15 +243,11 @@ class ZapHandler:
         if tenant is None:
             self._refuse(address_text, "unknown key", key.decode()[:12] + "...")
             return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
-        cap = self.limits.get(tenant)
         if self.monitor_endpoint is not None:
-            if cap is not None and self._per_tenant[tenant] >= cap:
-                self._refuse(address_text, f"tenant {tenant} has {cap} connections", tenant)
+            over = self.gate.approve(tenant, self.limits.get(tenant), time.monotonic())
+            if over is not None:
+                self._refuse(address_text, over, tenant)
                 return [b"1.0", request_id, b"400", b"too many connections", b"", b""]
-            if self.max_connections is not None and len(self._conns) >= self.max_connections:
-                self._refuse(address_text, "the agent's connection limit", tenant)
-                return [b"1.0", request_id, b"400", b"too many connections", b"", b""]
-            self._awaiting = (tenant, time.monotonic())
         self.accepted += 1
         self.event("authenticated", tenant, address=address_text)
         return [b"1.0", request_id, b"200", b"OK", key, b""]
