@@ -143,9 +143,13 @@ class AgentProc:
 
     def rewrite_config(self, tenants: dict[str, dict[str, Any]], *,
                        text: str | None = None) -> None:
+        """Write a new config file (``text``, or one made of ``tenants``). It replaces the
+        old one whole (rename), as an operator's editor would: a reload running meanwhile
+        (a SIGHUP storm) reads the old file or the new one, never a half-written one."""
         self.tenants = tenants
-        self.config_path.write_text(text if text is not None
-                                    else render_config(self.agent_settings, tenants))
+        new = self.config_path.with_name(self.config_path.name + ".new")
+        new.write_text(text if text is not None else render_config(self.agent_settings, tenants))
+        os.replace(new, self.config_path)
 
     def reload(self) -> None:
         """SIGHUP, then wait for the agent to say how it went."""
