@@ -652,7 +652,9 @@ class HostileRun:
         windows = attack.pop("windows", None)
         if windows:  # the attack ran by turns: compare them, and count its own turns
             attack["fairness"] = _fairness(samples, windows)
-            samples = [s for s in samples if _within(s, windows["streaming"])]
+            # (a failed call counts wherever it fell)
+            samples = [s for s in samples
+                       if s[3] is not None or _within(s, windows["streaming"])]
         recovered, recovery = self._recover()
         t2 = time.monotonic()
         agent_samples = self.sampler.between(t0, t2)
