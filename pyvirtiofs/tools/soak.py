@@ -3,6 +3,7 @@ result is checked against a model.
 
     pyvirtiofs soak --minutes 10 --clients 64 [--restart-daemon 3]
     pyvirtiofs soak --seconds 60 --clients 16 --json result.json
+    pyvirtiofs soak --hostile --minutes 6       # the agent under hostile load (hostile.py)
 
 What runs:
 
@@ -1636,6 +1637,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", type=float, default=10.0, metavar="SECONDS",
                    help="print progress this often (0: never)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--hostile", action="store_true",
+                   help="instead: the multi-tenant agent under hostile load, phase after "
+                        "phase (its options: pyvirtiofs soak --hostile --help)")
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -1667,6 +1671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_server"]:
         return _server_child(argv[1:])
+    if "--hostile" in argv:  # a run of its own, with its own options
+        from pyvirtiofs.tools import hostile
+
+        return hostile.main([a for a in argv if a != "--hostile"])
     p = argparse.ArgumentParser(prog="pyvirtiofs soak",
                                 description=(__doc__ or "").split("\n\n")[0])
     _add_arguments(p)

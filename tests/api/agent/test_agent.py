@@ -17,7 +17,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.client import RemoteFS
+from pyvirtiofs.tools.hostile import Streamer
 from tests.api.agent.harness import (
     REPO,
     AgentProc,
@@ -361,21 +361,6 @@ def test_after_the_hostile_messages_the_agent_is_healthy(site: Site, alice: Remo
 
 # -- fairness ----------------------------------------------------------------------------------
 
-STREAMER = """
-import sys, time
-from pyvirtiofs.api import connect_remote
-from pyvirtiofs.api.remote.keys import client_keys
-fs = connect_remote(sys.argv[1], curve=client_keys(sys.argv[2], sys.argv[3]))
-end = time.monotonic() + 60
-total = 0
-while time.monotonic() < end:
-    with fs.open("big.bin", "rb", buffering=0) as f:
-        while chunk := f.read(8 << 20):
-            total += len(chunk)
-            print(total, flush=True)
-"""
-
-
 def _latencies(fs: RemoteFS, n: int, seconds: float = 0.0) -> list[float]:
     """At least ``n`` stat round trips, and for at least ``seconds``."""
     out = []
@@ -385,10 +370,6 @@ def _latencies(fs: RemoteFS, n: int, seconds: float = 0.0) -> list[float]:
         fs.stat("prober.txt")
         out.append(time.perf_counter() - t0)
     return out
-
-
-def _grown(progress: list[tuple[float, int]], target: int) -> Any:
-    return lambda: progress[-1][1] >= target
 
 
 def _describe(samples: list[float]) -> str:
@@ -404,44 +385,15 @@ def test_a_streaming_tenant_does_not_starve_another(site: Site) -> None:
     agent = site.agent
     prober = agent.client("prober")
     _latencies(prober, 100)  # warm up
-    proc = subprocess.Popen([sys.executable, "-c", STREAMER, agent.endpoint,
-                             str(agent.keys / "streamer.key_secret"),
-                             str(agent.keys / "agent.key")],
-                            stdout=subprocess.PIPE, cwd=REPO, text=True)
-    progress: list[tuple[float, int]] = []
-
-    def follow() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            progress.append((time.monotonic(), int(line)))
-
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
     idle: list[float] = []
     loaded: list[float] = []
-    streamed, streaming_time = 0, 0.0
-    try:
-        wait_for(lambda: progress and progress[-1][1] >= BIG, 60,
-                 "the streaming tenant to read the file once")
-        for _ in range(4):
-            os.kill(proc.pid, signal.SIGSTOP)
-            wait_for(lambda: agent.tenant_status("streamer")["requests_in_flight"] == 0, 10,
-                     "the paused stream's last request to be answered")
-            idle += _latencies(prober, 100, 0.3)
-            os.kill(proc.pid, signal.SIGCONT)
-            wait_for(_grown(progress, progress[-1][1] + (4 << 20)), 30,
-                     "the stream to flow again")
-            t0, b0 = progress[-1]
-            loaded += _latencies(prober, 100, 0.3)
-            t1, b1 = progress[-1]
-            streamed += b1 - b0
-            streaming_time += t1 - t0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
-        reader.join(5)
+
+    def measure(streaming: bool) -> None:
+        (loaded if streaming else idle).extend(_latencies(prober, 100, 0.3))
+
+    with Streamer(agent, "streamer", "big.bin", seconds=60, chunk=8 << 20) as stream:
+        stream.wait_streamed(BIG, 60, "the streaming tenant to read the file once")
+        streamed, streaming_time = stream.alternate(4, measure)
     prober.close()
     assert streamed >= 16 << 20, "the stream hardly flowed while we measured"
     rate = streamed / streaming_time / (1 << 20)

@@ -6,7 +6,9 @@ log floods, connection floods (authenticated and half-open), and a byte quota. E
 against a real agent process on loopback; each checks that a well-behaved tenant is
 served meanwhile, and the agent's own numbers (RSS, descriptors, log size) stay bounded.
 
-No sleeps to wait for something: every wait polls with a deadline.
+The floods are those of ``pyvirtiofs soak --hostile`` (:mod:`pyvirtiofs.tools.hostile`),
+which runs them for minutes; here each runs for seconds. No sleeps to wait for something:
+every wait polls with a deadline.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import contextlib
 import errno
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,15 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api.agent.quota import measure
 from pyvirtiofs.api.agent.zap import GATE_BURST
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.client import RemoteFS
+from pyvirtiofs.tools.hostile import (
+    GoodTenant,
+    HalfOpenFlood,
+    UnreadReplies,
+    connection_flood,
+    log_flood,
+    message_flood,
+    signal_storm,
+    storm_reload,
+    take_replies,
+)
 from tests.api.agent.harness import (
-    REPO,
     AgentProc,
     fd_count,
     rss_mib,
@@ -96,51 +104,21 @@ def _good_works(site: Site, good: RemoteFS) -> None:
     assert good.read_bytes("good.bin") == (site.share("good") / "good.bin").read_bytes()
 
 
-class _Prober:
-    """A well-behaved tenant working in a thread while a flood runs: its results are
-    checked, its slowest call kept."""
+class _Prober(GoodTenant):
+    """A well-behaved tenant reading (and checking) its file in a thread while a flood
+    runs: no call may fail, its slowest call is kept."""
 
     def __init__(self, site: Site, good: RemoteFS) -> None:
-        self.site, self.good = site, good
-        self.calls = 0
-        self.slowest = 0.0
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                _good_works(self.site, self.good)
-            except BaseException as exc:
-                self.errors.append(exc)
-                return
-            self.slowest = max(self.slowest, time.monotonic() - t0)
-            self.calls += 1
-
-    def __enter__(self) -> _Prober:
-        self._thread.start()
-        return self
+        super().__init__(good, (site.share("good") / "good.bin").read_bytes(), ops=("read",),
+                         stop_on_error=True)
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
+        super().__exit__(*exc)
         assert not self.errors, self.errors[0]
         assert self.calls > 0
 
 
 # -- 1. signals -------------------------------------------------------------------------------
-
-
-def _storm(pid: int, sig: int, count: int) -> int:
-    """Send ``count`` signals as fast as possible; how many were sent (the process may go)."""
-    for i in range(count):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return i
-    return count
 
 
 def test_signal_storms_idle_and_under_load_always_reload_and_stop(tmp_path: Path) -> None:
@@ -181,12 +159,8 @@ def test_signal_storms_idle_and_under_load_always_reload_and_stop(tmp_path: Path
                 loader.start()
             for burst in range(4):
                 value = 100 + burst + (10 if phase == "loaded" else 0)
-                tenants["a"]["limits"] = {"open_handles": value}
-                agent.rewrite_config({t: {**agent.tenants[t], **tenants[t]}
-                                      for t in tenants})
-                sent += _storm(pid, signal.SIGHUP, 1000)
-                wait_for(lambda v=value: limit_of_a() == v, 60,
-                         f"the reload after burst {burst} ({phase}) to apply {value}")
+                sent += storm_reload(agent, "a", value, count=1000)  # (waits until applied)
+                assert limit_of_a() == value
                 assert agent.proc.poll() is None
             if phase == "loaded":
                 stop_load.set()
@@ -195,7 +169,7 @@ def test_signal_storms_idle_and_under_load_always_reload_and_stop(tmp_path: Path
                 assert loaded[0] > 0
         # A revocation sent inside a storm is applied.
         agent.rewrite_config({"a": agent.tenants["a"]})
-        sent += _storm(pid, signal.SIGHUP, 1000)
+        sent += signal_storm(pid, signal.SIGHUP, 1000)
 
         def b_refused() -> bool:
             try:
@@ -206,8 +180,8 @@ def test_signal_storms_idle_and_under_load_always_reload_and_stop(tmp_path: Path
         wait_for(b_refused, 60, "tenant b's revocation to be applied")
         # SIGHUPs and SIGTERMs together: the agent stops, cleanly.
         for _ in range(5):
-            sent += _storm(pid, signal.SIGHUP, 200)
-            sent += _storm(pid, signal.SIGTERM, 50)
+            sent += signal_storm(pid, signal.SIGHUP, 200)
+            sent += signal_storm(pid, signal.SIGTERM, 50)
         print(f"\nsignal storm: {sent} signals, {loaded[0]} loaded iterations")
         assert agent.proc.wait(60) == 0
         assert any(e["event"] == "agent_stopped" for e in agent.logs())
@@ -230,12 +204,7 @@ def test_unread_replies_keep_the_agents_rss_under_its_total(site: Site, good: Re
     warm.close()
     wait_for(lambda: agent.tenant_status("hog")["bytes_in_flight"] == 0, 20, "hog idle")
     before = rss_mib(agent.proc.pid)
-    stubborn = agent.raw("hog", {zmq.RCVHWM: 1, zmq.RCVBUF: 64 << 10})
-    try:
-        reply = stubborn.call(m.Open(path=b"big.bin", flags=os.O_RDONLY))
-        handle = wire.decode_value(m.Open(path=b""), reply.value).handle
-        for _ in range(24):
-            stubborn.send(m.Read(size=64 * MIB, offset=0), handle)
+    with UnreadReplies(agent, "hog", b"big.bin", reads=24, size=64 * MIB):
         peak = before
         with _Prober(site, good):
 
@@ -265,8 +234,6 @@ def test_unread_replies_keep_the_agents_rss_under_its_total(site: Site, good: Re
         assert hog["unsent_bytes"] > 0  # what the client does not read still counts
         assert status["bytes_in_flight"] <= TOTAL_BYTES
         assert peak - before < TOTAL_BYTES / MIB
-    finally:
-        stubborn.close()
     # Once the client is gone, so is what it held.
     wait_for(lambda: agent.tenant_status("hog")["bytes_in_flight"] == 0, 30,
              "the unread replies to be released")
@@ -283,17 +250,10 @@ def test_every_message_counts_against_the_rate(site: Site, good: RemoteFS) -> No
     agent = site.agent
     before = agent.tenant_status("pinger")
     with agent.raw("pinger") as raw, _Prober(site, good):
-        ping = wire.encode_request(0, wire.Ping())
         t0 = time.monotonic()
-        for i in range(20_000):
-            raw.send_frames([ping])
-            raw.send_frames([b"\x93\x01garbage" + i.to_bytes(4, "little")])
+        message_flood(raw, 20_000)
         sent_for = time.monotonic() - t0
-        answered = ok = 0
-        while raw.sock.poll(1500):
-            header = wire.decode_reply(raw.sock.recv_multipart()[0])
-            answered += 1
-            ok += header.error is None
+        answered, ok = take_replies(raw, 1500)
         elapsed = time.monotonic() - t0
     status = agent.tenant_status("pinger")
     dropped = status["dropped"] - before["dropped"]
@@ -314,15 +274,7 @@ def test_the_log_grows_no_faster_than_its_rate(site: Site, good: RemoteFS) -> No
     size0 = agent.log_path.stat().st_size
     t0 = time.monotonic()
     with _Prober(site, good):
-        with agent.raw("noisy") as raw:
-            while time.monotonic() - t0 < 5:
-                for i in range(200):
-                    raw.send_frames([b"\x92" + os.urandom(8)])  # malformed: one line each
-                    raw.send(m.Stat(path=f"missing-{i}".encode()))  # ENOENT: one line each
-                while raw.sock.poll(0):
-                    raw.sock.recv_multipart()
-        for _ in range(20):  # connections come and go: two lines each
-            agent.raw("noisy").close()
+        log_flood(agent, "noisy", t0 + 5, churn=20)
     elapsed = time.monotonic() - t0
     wait_for(lambda: any(e["event"] == "log_suppressed" for e in agent.logs()), 10,
              "a log_suppressed line")
@@ -337,25 +289,6 @@ def test_the_log_grows_no_faster_than_its_rate(site: Site, good: RemoteFS) -> No
 
 # -- 4. connections -----------------------------------------------------------------------------
 
-FLOODER = """
-import sys, zmq
-from pyvirtiofs.api.remote.keys import client_keys
-keys = client_keys(sys.argv[2], sys.argv[3])
-ctx = zmq.Context()
-ctx.set(zmq.MAX_SOCKETS, 10000)
-socks = []
-for _ in range(int(sys.argv[4])):
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = (
-        keys.public, keys.secret, keys.server_public)
-    s.connect(sys.argv[1])
-    socks.append(s)
-print("connected", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_a_flood_of_authenticated_connections_is_capped(site: Site, good: RemoteFS) -> None:
     """One tenant opens 3,000 authenticated connections (which reconnect when refused):
     it gets its cap and no more, the agent's descriptors stay bounded, and another
@@ -363,13 +296,8 @@ def test_a_flood_of_authenticated_connections_is_capped(site: Site, good: Remote
     agent = site.agent
     base = fd_count(agent.proc.pid)
     before = _fd_kinds(agent.proc.pid)
-    proc = subprocess.Popen([sys.executable, "-c", FLOODER, agent.endpoint,
-                             str(agent.keys / "flooder.key_secret"), str(agent.keys / "agent.key"),
-                             "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
-                            text=True)
     peak = base
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+    with connection_flood(agent, "flooder", 3000):
         with _Prober(site, good) as prober:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -380,9 +308,6 @@ def test_a_flood_of_authenticated_connections_is_capped(site: Site, good: Remote
               f"tenant's slowest read {prober.slowest * 1000:.0f} ms")
         assert conns["per_tenant"].get("flooder", 0) <= TENANT_CONNECTIONS
         assert peak <= base + TENANT_CONNECTIONS + MAX_HANDSHAKES + GATE_BURST
-    finally:
-        proc.kill()
-        proc.wait()
     _fds_back(agent, base, "the flood's fds to be closed", before)
     _good_works(site, good)
 
@@ -392,37 +317,22 @@ def test_a_flood_of_half_open_peers_is_capped(site: Site, good: RemoteFS) -> Non
     them are held, each for the handshake timeout; the agent's descriptors stay bounded
     and another tenant is served meanwhile."""
     agent = site.agent
-    host, port = agent.endpoint.removeprefix("tcp://").rsplit(":", 1)
     base = fd_count(agent.proc.pid)
     before = _fd_kinds(agent.proc.pid)
-    peers: list[socket.socket] = []
     peak = base
-    opened = 0
-    try:
+
+    def sample() -> None:
+        nonlocal peak
+        peak = max(peak, fd_count(agent.proc.pid))
+
+    with HalfOpenFlood(agent.endpoint, per_round=50, keep=1500) as flood:
         with _Prober(site, good) as prober:
-            deadline = time.monotonic() + 6
-            while time.monotonic() < deadline:
-                for _ in range(50):
-                    try:
-                        s = socket.create_connection((host, int(port)), timeout=2)
-                        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f")  # half a ZMTP greeting
-                    except OSError:
-                        continue
-                    peers.append(s)
-                    opened += 1
-                if len(peers) > 1500:  # (the test's own descriptors)
-                    for s in peers[:500]:
-                        s.close()
-                    del peers[:500]
-                peak = max(peak, fd_count(agent.proc.pid))
+            opened = flood.run(time.monotonic() + 6, sample)
         conns = agent.status()["connections"]
         print(f"\nhalf-open flood: {opened} peers; agent fds {base} -> peak {peak}; {conns}; "
               f"the good tenant's slowest read {prober.slowest * 1000:.0f} ms")
         assert peak <= base + MAX_HANDSHAKES + GATE_BURST
         assert conns["handshaking"] <= MAX_HANDSHAKES
-    finally:
-        for s in peers:
-            s.close()
     _fds_back(agent, base, "the peers' fds to be closed", before)
     _good_works(site, good)
 

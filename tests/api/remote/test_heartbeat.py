@@ -30,21 +30,11 @@ import pytest
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api import connect, connect_remote
 from pyvirtiofs.api.remote.server import ShareServer, Tenant
+from pyvirtiofs.tools.agentrig import wait_for
 from pyvirtiofs.tools.soak import ServerProcess
 from tests import REPO
 
 DETECTION_BOUND = 2.0  # seconds
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _stopped(pid: int) -> bool:
@@ -100,9 +90,9 @@ def test_server_killed_mid_request_fails_pending_calls_within_2s(
         f = fs.open("f.bin", "rb", buffering=0)
         assert len(f.read(10)) == 10
         os.kill(daemon, signal.SIGSTOP)  # the next read stays in flight on the server
-        _wait_for(lambda: _stopped(daemon), 10, "the daemon to stop")
+        wait_for(lambda: _stopped(daemon), 10, "the daemon to stop")
         thread, out = _pending_call(lambda: f.read(4096))
-        _wait_for(lambda: server.stats().get("tenant", {}).get("requests_in_flight") == 1,
+        wait_for(lambda: server.stats().get("tenant", {}).get("requests_in_flight") == 1,
                   10, "the read to be in flight on the server")
         killed = time.monotonic()
         server.proc.kill()
@@ -126,7 +116,7 @@ def test_stopped_server_is_noticed_within_2s_and_reached_again(server: ServerPro
     try:
         assert fs.stat("f.bin").st_size == 1 << 20
         os.kill(server.pid, signal.SIGSTOP)
-        _wait_for(lambda: _stopped(server.pid), 10, "the server to stop")  # type: ignore[arg-type]
+        wait_for(lambda: _stopped(server.pid), 10, "the server to stop")  # type: ignore[arg-type]
         stopped = time.monotonic()
         thread, out = _pending_call(lambda: fs.stat("f.bin"))
         thread.join(30)
@@ -143,7 +133,7 @@ def test_stopped_server_is_noticed_within_2s_and_reached_again(server: ServerPro
             except OSError as exc:
                 assert exc.errno == errno.ENOTCONN
                 return False
-        _wait_for(answers, 20, "the client to reach the server again")
+        wait_for(answers, 20, "the client to reach the server again")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server.pid, signal.SIGCONT)  # type: ignore[arg-type]
@@ -159,7 +149,7 @@ def test_a_busy_server_is_not_taken_for_dead(server: ServerProcess) -> None:
     try:
         f = fs.open("f.bin", "rb", buffering=0)
         os.kill(daemon, signal.SIGSTOP)
-        _wait_for(lambda: _stopped(daemon), 10, "the daemon to stop")
+        wait_for(lambda: _stopped(daemon), 10, "the daemon to stop")
         thread, out = _pending_call(lambda: f.read(4096))
         deadline = time.monotonic() + 3 * DETECTION_BOUND
         while time.monotonic() < deadline:  # (the point is that nothing happens)
@@ -196,10 +186,10 @@ def test_stopped_client_is_released_within_the_heartbeat_timeout(share: Path) ->
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
         handles = lambda: server.stats()["tenants"].get("t", {}).get("handles", 0)  # noqa: E731
-        _wait_for(lambda: handles() == 10, 10, "the handles to show")
+        wait_for(lambda: handles() == 10, 10, "the handles to show")
         os.kill(proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        _wait_for(lambda: handles() == 0, 10, "the stopped client's handles to be released")
+        wait_for(lambda: handles() == 0, 10, "the stopped client's handles to be released")
         took = time.monotonic() - stopped
         print(f"\nstopped client released after {took * 1000:.0f} ms (heartbeat timeout 1.5 s)")
         assert took < 1.5 + 1.0 + 1.0  # the timeout, the sweep's period, a margin
