@@ -17,15 +17,17 @@ start that its descriptor limit has room for all of it beside ``fd_reserve``. Wh
 descriptor just completed its handshake is told by ``TCP_INFO`` (the bytes it sent).
 
 A connection is shut down with ``shutdown(2)`` on its descriptor (after checking that the
-descriptor still is a connection of the agent's endpoint): ZeroMQ sees the peer gone and
-cleans up as for any disconnect.
+descriptor still is the same socket, by its inode, and a connection of the agent's
+endpoint): ZeroMQ sees the peer gone and cleans up as for any disconnect.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -148,8 +150,28 @@ class ZapHandler:
     # -- the gate ------------------------------------------------------------------------------
 
     def _watch(self, monitor: zmq.Socket[Any]) -> None:
-        """Tell the gate every queued event, then shut down what is over a cap."""
+        """Tell the gate every queued event, then shut down what is over a cap.
+
+        A descriptor number can have been closed and reused by a new connection since
+        the event that put it over a cap. ZeroMQ reports a disconnect before it closes the
+        descriptor, so the socket's inode is noted first, then the events queued since are
+        told: a number reported gone among them is left alone, and one whose inode has
+        changed by the time it is shut was reused after the note (a well-behaved client
+        that happened to get the number is never cut off)."""
+        self._drain(monitor)
+        for _ in range(100):  # (a flood keeps adding; the next wake-up takes the rest)
+            marked = {fd: (why, _inode(fd)) for fd, why in self.gate.to_shut().items()}
+            if not marked:
+                return
+            gone = self._drain(monitor)
+            for fd, (why, inode) in marked.items():
+                if fd not in gone and inode is not None:
+                    self._shut(fd, why, inode)
+
+    def _drain(self, monitor: zmq.Socket[Any]) -> set[int]:
+        """Tell the gate every queued event; the descriptors reported gone."""
         gate = self.gate
+        gone: set[int] = set()
         for _ in range(100000):
             try:
                 frames = monitor.recv_multipart(zmq.NOBLOCK)
@@ -157,18 +179,20 @@ class ZapHandler:
                 break
             kind, value = _EVENT.unpack_from(frames[0])
             if kind == zmq.EVENT_ACCEPTED:
-                gate.accepted(value, time.monotonic())
+                gate.accepted(value, time.monotonic())  # (judged on its own: a new mark)
             elif kind == zmq.EVENT_DISCONNECTED:
                 gate.gone(value)
+                gone.add(value)
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 gate.completed()
-        for fd, why in gate.to_shut().items():
-            self._shut(fd, why)
+        return gone
 
-    def _shut(self, fd: int, why: str) -> None:
+    def _shut(self, fd: int, why: str, inode: int) -> None:
         """Shut a connection of our endpoint down (never any other descriptor: it is
-        checked to be a connected socket whose local address is one of our endpoints, as
-        a descriptor number can have been reused by then)."""
+        checked to be the same socket as when it was marked, connected, and bound to one
+        of our endpoints)."""
+        if _inode(fd) != inode:
+            return
         try:
             s = socket.socket(fileno=fd)  # (borrowed: detached below, never closed here)
         except OSError:
@@ -251,6 +275,16 @@ class ZapHandler:
         self.accepted += 1
         self.event("authenticated", tenant, address=address_text)
         return [b"1.0", request_id, b"200", b"OK", key, b""]
+
+
+def _inode(fd: int) -> int | None:
+    """The inode of the socket behind ``fd`` (None: no such descriptor, or not a socket):
+    unique while the socket lives, so it tells a reused descriptor number."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
 def _bytes_acked(fd: int) -> int | None:

@@ -99,6 +99,7 @@ class RemoteFS(ShareFS):
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self._down: str | None = None  # why the connection is down (None: up, or not yet)
+        self._connected = False  # a handshake completed since the last disconnect
         self.curve = curve
         self.ctx = (os.geteuid(), os.getegid(), os.getpid()) if send_credentials else None
         self._ids = itertools.count(1)
@@ -128,6 +129,10 @@ class RemoteFS(ShareFS):
             # ZMTP heartbeats: a PING every ivl; no traffic at all for `timeout` after one
             # and ZeroMQ closes the connection (the monitor below hears of it).
             ivl = max(50, int(self.dead_after * 1000 / 3))
+            # No receive high-water mark: libzmq 4.3 aborts when its heartbeat timer fires
+            # on a connection whose input stopped at the mark. What we receive is bounded
+            # by what we asked for (replies to our own requests).
+            sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(self.dead_after * 1000) - ivl))
             if self.curve is not None:
@@ -193,8 +198,15 @@ class RemoteFS(ShareFS):
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._down = None
+                self._connected = True
                 continue
             if kind == zmq.EVENT_DISCONNECTED:
+                if not self._connected:
+                    # A connection dropped before its handshake completed (a busy server,
+                    # or one shedding a flood) never took our requests: they are still
+                    # queued in ZeroMQ and go out when it has reconnected.
+                    continue
+                self._connected = False
                 why = (f"the connection to {self.endpoint} was lost (the server died, "
                        "stopped answering, or closed it)")
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:

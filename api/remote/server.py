@@ -78,6 +78,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to restart a tenant's dead share
 DRAIN_LINGER_MS = 2000  # how long the last replies of a drain may take to leave
 HANDSHAKE_TIMEOUT = 5.0  # seconds a peer may take to complete ZeroMQ's handshake
+LISTEN_BACKLOG = 1024
 SNDHWM = 1024  # replies ZeroMQ queues per connection (a client that does not read loses more)
 RCVHWM = 64  # requests ZeroMQ queues per connection before it stops reading the peer
 SWEEP_INTERVAL = 1.0
@@ -294,15 +295,25 @@ class ShareServer:
         # Guard memory: a frame bigger than a request can be is refused by ZeroMQ itself
         # (the peer is disconnected); below it, oversize is answered with an error reply.
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        # Connections the kernel queues until we accept them: a flood of connections
+        # overflows ZeroMQ's default of 100 and a well-behaved client's SYN is dropped
+        # (it retries 1, 3, 7, 15 s later).
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         # A peer that connects and never completes the greeting and handshake is dropped.
         sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(self.handshake_timeout * 1000)))
-        # ZMTP heartbeats: a peer that stops answering (killed host, stopped process) is
-        # disconnected by ZeroMQ, which frees its connection.
-        ivl = max(100, int(min(self.heartbeat_timeout / 3, 2.0) * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(self.heartbeat_timeout * 1000)))
+        # A peer whose host died is found by TCP keepalives, not by ZMTP heartbeats of our
+        # own: libzmq 4.3 aborts the process (out_event asserts !_io_error) when its
+        # heartbeat timer fires on a connection whose input was stopped at RCVHWM, which
+        # any peer that floods us can arrange. Clients' heartbeat PINGs are still
+        # answered (ZeroMQ does that whatever our interval), and a client that stops
+        # sending is released by the sweep after heartbeat_timeout.
+        idle = max(1, int(self.heartbeat_timeout / 2))
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, idle // 3))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         if self.configure_socket is not None:
             self.configure_socket(sock)
 

@@ -56,6 +56,7 @@ LOG_RATE = 8 << 10  # [agent] log_rate
 MAX_HANDSHAKES = 64
 TENANT_CONNECTIONS = 32
 QUOTA = 16 * MIB
+HALF_OPEN_PEERS = 20_000  # (bounded in count as well as in time)
 
 TENANTS: dict[str, dict[str, Any]] = {
     "good": {},
@@ -116,6 +117,60 @@ class _Prober(GoodTenant):
         super().__exit__(*exc)
         assert not self.errors, self.errors[0]
         assert self.calls > 0
+
+
+# -- 0. the byte quota (first: its client connects before any flood) ----------------------------
+
+
+def test_the_byte_quota_holds_for_write_fallocate_truncate_and_create(site: Site) -> None:
+    agent = site.agent
+    root = site.share("quota")
+    fs = agent.client("quota")
+    fs.write_bytes("eight", os.urandom(8 * MIB))
+    with pytest.raises(OSError) as info:
+        fs.write_bytes("twelve", os.urandom(12 * MIB))
+    assert info.value.errno == errno.EDQUOT
+    with agent.raw("quota") as raw:
+        handle = _raw_handle(raw, b"sparse", os.O_RDWR | os.O_CREAT)
+        big = raw.call(m.FAllocate(offset=0, length=1 << 40), handle)
+        assert big.error is not None and big.error.errno == errno.EDQUOT
+        grown = raw.call(m.FTruncate(size=1 << 40), handle)
+        assert grown.error is not None and grown.error.errno == errno.EDQUOT
+        assert raw.call(m.FAllocate(offset=0, length=MIB), handle).error is None
+        assert raw.call(m.Close(), handle).error is None
+    status = agent.tenant_status("quota")
+    assert status["used_bytes"] <= QUOTA and status["reserved_bytes"] == 0
+    fs.remove("twelve") if fs.exists("twelve") else None
+    fs.remove("eight")  # deleting frees its blocks at once
+    fs.write_bytes("twelve", os.urandom(12 * MIB))
+    # Many writers at once cannot overshoot: each reserves before it runs.
+    errors: list[int] = []
+
+    def writer(n: int) -> None:
+        for i in range(40):
+            try:
+                fs.write_bytes(f"w{n}-{i}", os.urandom(256 << 10))
+            except OSError as exc:
+                errors.append(exc.errno or 0)
+                return
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors and set(errors) == {errno.EDQUOT}
+    with pytest.raises(OSError) as info:
+        for i in range(64):
+            fs.mkdir(f"d{i}")  # creating takes a block each
+    assert info.value.errno == errno.EDQUOT
+    used = measure(str(root))
+    status = agent.tenant_status("quota")
+    print(f"\nquota: host usage {used / MIB:.2f} MiB of {QUOTA // MIB} MiB; the agent counts "
+          f"{status['used_bytes'] / MIB:.2f} MiB")
+    assert used <= QUOTA
+    assert abs(status["used_bytes"] - used) <= 256 << 10
+    fs.close()
 
 
 # -- 1. signals -------------------------------------------------------------------------------
@@ -327,7 +382,7 @@ def test_a_flood_of_half_open_peers_is_capped(site: Site, good: RemoteFS) -> Non
 
     with HalfOpenFlood(agent.endpoint, per_round=50, keep=1500) as flood:
         with _Prober(site, good) as prober:
-            opened = flood.run(time.monotonic() + 6, sample)
+            opened = flood.run(time.monotonic() + 6, sample, limit=HALF_OPEN_PEERS)
         conns = agent.status()["connections"]
         print(f"\nhalf-open flood: {opened} peers; agent fds {base} -> peak {peak}; {conns}; "
               f"the good tenant's slowest read {prober.slowest * 1000:.0f} ms")
@@ -337,7 +392,7 @@ def test_a_flood_of_half_open_peers_is_capped(site: Site, good: RemoteFS) -> Non
     _good_works(site, good)
 
 
-# -- 6. the byte quota --------------------------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------------
 
 
 def _fd_kinds(pid: int) -> dict[str, str]:
@@ -363,54 +418,3 @@ def _raw_handle(raw: Any, path: bytes, flags: int) -> int:
     reply = raw.call(m.Open(path=path, flags=flags, mode=0o644))
     assert reply.error is None, reply.error
     return int(wire.decode_value(m.Open(path=b""), reply.value).handle)
-
-
-def test_the_byte_quota_holds_for_write_fallocate_truncate_and_create(site: Site) -> None:
-    agent = site.agent
-    root = site.share("quota")
-    fs = agent.client("quota")
-    fs.write_bytes("eight", os.urandom(8 * MIB))
-    with pytest.raises(OSError) as info:
-        fs.write_bytes("twelve", os.urandom(12 * MIB))
-    assert info.value.errno == errno.EDQUOT
-    with agent.raw("quota") as raw:
-        handle = _raw_handle(raw, b"sparse", os.O_RDWR | os.O_CREAT)
-        big = raw.call(m.FAllocate(offset=0, length=1 << 40), handle)
-        assert big.error is not None and big.error.errno == errno.EDQUOT
-        grown = raw.call(m.FTruncate(size=1 << 40), handle)
-        assert grown.error is not None and grown.error.errno == errno.EDQUOT
-        assert raw.call(m.FAllocate(offset=0, length=MIB), handle).error is None
-        assert raw.call(m.Close(), handle).error is None
-    status = agent.tenant_status("quota")
-    assert status["used_bytes"] <= QUOTA and status["reserved_bytes"] == 0
-    fs.remove("twelve") if fs.exists("twelve") else None
-    fs.remove("eight")  # deleting frees its blocks at once
-    fs.write_bytes("twelve", os.urandom(12 * MIB))
-    # Many writers at once cannot overshoot: each reserves before it runs.
-    errors: list[int] = []
-
-    def writer(n: int) -> None:
-        for i in range(40):
-            try:
-                fs.write_bytes(f"w{n}-{i}", os.urandom(256 << 10))
-            except OSError as exc:
-                errors.append(exc.errno or 0)
-                return
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors and set(errors) == {errno.EDQUOT}
-    with pytest.raises(OSError) as info:
-        for i in range(64):
-            fs.mkdir(f"d{i}")  # creating takes a block each
-    assert info.value.errno == errno.EDQUOT
-    used = measure(str(root))
-    status = agent.tenant_status("quota")
-    print(f"\nquota: host usage {used / MIB:.2f} MiB of {QUOTA // MIB} MiB; the agent counts "
-          f"{status['used_bytes'] / MIB:.2f} MiB")
-    assert used <= QUOTA
-    assert abs(status["used_bytes"] - used) <= 256 << 10
-    fs.close()
