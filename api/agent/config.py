@@ -102,7 +102,7 @@ class AgentConfig:
     fd_reserve: int = 256  # descriptors never given to connections
     log_rate: int = 64 << 10  # bytes of log per second, at most (bursts: 4 s worth)
     io_threads: int = 2
-    contended_bulk_rate: int = 64 << 20  # bulk bytes/s while other tenants are served
+    contended_bulk_rate: int = 32 << 20  # bulk bytes/s while other tenants are served
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -381,7 +381,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     resources = {
         "bytes_in_flight": size("bytes_in_flight", 1 << 30),
         "log_rate": size("log_rate", 64 << 10),
-        "contended_bulk_rate": size("contended_bulk_rate", 64 << 20),
+        "contended_bulk_rate": size("contended_bulk_rate", 32 << 20),
         "max_connections": count("max_connections", 1024),
         "max_handshakes": count("max_handshakes", 128),
         "fd_reserve": count("fd_reserve", 256),

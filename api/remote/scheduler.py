@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 BULK_BYTES = 64 << 10  # requests moving this much data share the pipeline window
 PIPELINE_WINDOW = 16 << 20  # bulk bytes executing at once, over all tenants
-CONTENDED_BULK_RATE = 64 << 20  # bulk bytes per second while others' small requests run
+CONTENDED_BULK_RATE = 32 << 20  # bulk bytes per second while others' small requests run
 CONTENTION_WINDOW = 0.25  # seconds a tenant's small request counts as activity
 BASE_COST = 4 << 10  # what any request costs the scheduler, besides its bytes
 QUANTUM = 1 << 20  # cost a tenant may spend per deficit-round-robin round

@@ -692,7 +692,10 @@ class HostileRun:
             status = self.agent.status()  # type: ignore[union-attr]
             fds = proc_fds(self.agent.proc.pid) or 0  # type: ignore[union-attr]
             last.update(fds=fds, bytes_in_flight=status["bytes_in_flight"],
-                        handshaking=status["connections"]["handshaking"])
+                        handshaking=status["connections"]["handshaking"],
+                        holding={t: {k: v for k, v in s.items() if v and k in _HELD}
+                                 for t, s in status.get("tenants", {}).items()
+                                 if any(s.get(k) for k in _HELD)})
             return (fds <= self.baseline_fds + FD_SLACK and status["bytes_in_flight"] == 0
                     and status["connections"]["handshaking"] == 0)
         t0 = time.monotonic()
@@ -866,6 +869,8 @@ def _signals(run: HostileRun, until: float) -> dict[str, Any]:
     return {"storms": storms, "signals": signals, "applied": storms,
             "slowest_reload_s": round(slowest, 2)}
 
+
+_HELD = ("bytes_in_flight", "unsent_bytes", "requests_in_flight", "queued", "deferred")
 
 PHASES: dict[str, Callable[[HostileRun, float], dict[str, Any]]] = {
     "idle": _idle,

@@ -389,7 +389,7 @@ def test_a_streaming_tenant_does_not_starve_another(site: Site) -> None:
     loaded: list[float] = []
 
     def measure(streaming: bool) -> None:
-        (loaded if streaming else idle).extend(_latencies(prober, 100, 0.3))
+        (loaded if streaming else idle).extend(_latencies(prober, 100, 0.6))
 
     with Streamer(agent, "streamer", "big.bin", seconds=60, chunk=8 << 20) as stream:
         stream.wait_streamed(BIG, 60, "the streaming tenant to read the file once")
