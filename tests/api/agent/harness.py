@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,42 @@ from pyvirtiofs.tools.agentrig import (
 )
 from tests import REPO
 
-__all__ = ["REPO", "AgentProc", "RawClient", "fd_count", "op_strategy", "render_config",
-           "rss_mib", "start_agent", "toml_value", "wait_for"]
+__all__ = ["REPO", "AgentProc", "RawClient", "Site", "agent_site", "fd_count", "op_strategy",
+           "render_config", "rss_mib", "start_agent", "toml_value", "wait_for"]
 
 
 def start_agent(base: Path, tenants: dict[str, dict[str, Any]], **options: Any) -> AgentProc:
     """:func:`pyvirtiofs.tools.agentrig.start_agent`, run in the repository."""
     return agentrig.start_agent(base, tenants, cwd=REPO, **options)
+
+
+@dataclass
+class Site:
+    """A live agent and the host folder holding its tenants' shares (one folder each)."""
+
+    agent: AgentProc
+    host: Path
+
+    def share(self, tenant: str) -> Path:
+        return self.host / tenant
+
+
+@contextlib.contextmanager
+def agent_site(factory: Any, tenants: dict[str, dict[str, Any]],
+               prepare: Callable[[Path], None], **options: Any) -> Iterator[Site]:
+    """An agent serving ``tenants`` (each its own folder under one host folder, filled by
+    ``prepare(host)`` before the agent starts); it must stop cleanly afterwards."""
+    host = factory.mktemp("tenants")
+    for tenant in tenants:
+        (host / tenant).mkdir()
+    prepare(host)
+    agent = start_agent(factory.mktemp("agent"),
+                        {t: {"share": str(host / t), **cfg} for t, cfg in tenants.items()},
+                        **options)
+    try:
+        yield Site(agent, host)
+    finally:
+        assert agent.terminate() == 0
 
 
 def process_gone(pid: int) -> bool:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,9 @@ from pyvirtiofs.api.remote.client import RemoteFS
 from pyvirtiofs.tools.hostile import Streamer
 from tests.api.agent.harness import (
     REPO,
-    AgentProc,
     RawClient,
+    Site,
+    agent_site,
     fd_count,
     kill_daemon,
     op_strategy,
@@ -46,15 +46,6 @@ from tests.api.agent.harness import (
 )
 
 BIG = 64 << 20  # the file the streaming tenant reads in a loop
-
-
-@dataclass
-class Site:
-    agent: AgentProc
-    host: Path
-
-    def share(self, tenant: str) -> Path:
-        return self.host / tenant
 
 
 TENANTS: dict[str, dict[str, Any]] = {
@@ -73,21 +64,17 @@ TENANTS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    host = tmp_path_factory.mktemp("tenants")
-    for tenant in TENANTS:
-        (host / tenant).mkdir()
-        (host / tenant / f"{tenant}.txt").write_bytes(f"{tenant}'s file\n".encode())
-    (host / "limited" / "mb.bin").write_bytes(os.urandom(2 << 20))
-    for i in range(100):
-        (host / "victim" / f"f{i}").write_bytes(b"v" * 10)
-    with open(host / "streamer" / "big.bin", "wb") as f:
-        f.truncate(BIG)
-    agent = start_agent(tmp_path_factory.mktemp("agent"),
-                        {t: {"share": str(host / t), **cfg} for t, cfg in TENANTS.items()})
-    try:
-        yield Site(agent, host)
-    finally:
-        assert agent.terminate() == 0
+    def prepare(host: Path) -> None:
+        for tenant in TENANTS:
+            (host / tenant / f"{tenant}.txt").write_bytes(f"{tenant}'s file\n".encode())
+        (host / "limited" / "mb.bin").write_bytes(os.urandom(2 << 20))
+        for i in range(100):
+            (host / "victim" / f"f{i}").write_bytes(b"v" * 10)
+        with open(host / "streamer" / "big.bin", "wb") as f:
+            f.truncate(BIG)
+
+    with agent_site(tmp_path_factory, TENANTS, prepare) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,8 @@ from pyvirtiofs.tools.hostile import (
 )
 from tests.api.agent.harness import (
     AgentProc,
+    Site,
+    agent_site,
     fd_count,
     rss_mib,
     start_agent,
@@ -68,31 +69,17 @@ TENANTS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class Site:
-    agent: AgentProc
-    host: Path
-
-    def share(self, tenant: str) -> Path:
-        return self.host / tenant
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    host = tmp_path_factory.mktemp("hostile")
-    for tenant in TENANTS:
-        (host / tenant).mkdir()
-    (host / "good" / "good.bin").write_bytes(os.urandom(MIB))
-    (host / "hog" / "big.bin").write_bytes(os.urandom(MIB) * 64)
-    agent = start_agent(tmp_path_factory.mktemp("agent"),
-                        {t: {"share": str(host / t), **cfg} for t, cfg in TENANTS.items()},
-                        settings={"bytes_in_flight": "320MiB", "log_rate": "8KiB",
-                                  "max_handshakes": MAX_HANDSHAKES, "max_connections": 256,
-                                  "handshake_timeout": 1.0})
-    try:
-        yield Site(agent, host)
-    finally:
-        assert agent.terminate() == 0
+    def prepare(host: Path) -> None:
+        (host / "good" / "good.bin").write_bytes(os.urandom(MIB))
+        (host / "hog" / "big.bin").write_bytes(os.urandom(MIB) * 64)
+
+    with agent_site(tmp_path_factory, TENANTS, prepare,
+                    settings={"bytes_in_flight": "320MiB", "log_rate": "8KiB",
+                              "max_handshakes": MAX_HANDSHAKES, "max_connections": 256,
+                              "handshake_timeout": 1.0}) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")
