@@ -13,6 +13,7 @@ from typing import Any
 from pyvirtiofs.api.cli.browse import long_listing
 from pyvirtiofs.api.cli.share import open_share
 from pyvirtiofs.api.local import connect
+from pyvirtiofs.codec.fuse_abi import Opcode
 
 # -- serving ---------------------------------------------------------------------------------
 
@@ -78,5 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 total += len(fs.read_bytes(os.path.join(dirpath, name)))
         dt = time.perf_counter() - t0
         print(f"demo: read {total} bytes back in {dt * 1000:.1f} ms")
-        print(f"demo: device requests: {fs.stats()['device']['requests']}")
+        counts = fs.stats()["device"]["requests"]
+        print("demo: device requests: " + ", ".join(
+            f"{Opcode(int(op)).name} {n}" for op, n in sorted(counts.items(), key=lambda c: -c[1])))
     return 0

@@ -376,6 +376,7 @@ def test_reading_commands_match_the_host(tmp_path: Path) -> None:
     demo = ok(r["demo"]).decode()
     assert "# notes" not in demo  # only .txt files are printed
     assert "why\n" in demo and "demo: read" in demo
+    assert "demo: device requests: " in demo and "INIT 1" in demo  # opcodes by name
 
     # errors: exit code 1, one line, the path named
     for key, path in [("ls_missing", "/missing"), ("cat_missing", "/missing"),
