@@ -42,7 +42,13 @@ from typing import Any, NamedTuple
 
 from pyvirtiofs.codec import fuse_replies
 from pyvirtiofs.codec import fuse_requests as rq
-from pyvirtiofs.codec.fuse_abi import FUSE_ROOT_ID, IN_HEADER, OUT_HEADER, Opcode
+from pyvirtiofs.codec.fuse_abi import (
+    FUSE_ROOT_ID,
+    IN_HEADER,
+    OUT_HEADER,
+    Opcode,
+    opcode_name,
+)
 from pyvirtiofs.codec.fuse_replies import FuseProtocolError
 from pyvirtiofs.codec.fuse_requests import FuseRequest, pack_in_header
 from pyvirtiofs.codec.fuse_types import CreateOut, DirentPlus, EntryOut
@@ -316,10 +322,10 @@ class FuseChannel:
                 # A decoder bug must not lose the other completions of this harvest (their
                 # descriptors are already reclaimed): report it as a protocol error.
                 self.decode_failures += 1
-                log.error("decoding a %s reply failed: %r", op_name(record.request.opcode),
+                log.error("decoding a %s reply failed: %r", opcode_name(record.request.opcode),
                           exc)
                 raise DeviceProtocolError(
-                    f"undecodable {op_name(record.request.opcode)} reply: {exc!r}") from exc
+                    f"undecodable {opcode_name(record.request.opcode)} reply: {exc!r}") from exc
         finally:
             reply.release()
 
@@ -427,13 +433,6 @@ def _queue_of(request: FuseRequest) -> int:
     return REQUEST_QUEUE if request.expects_reply else HIPRIO_QUEUE
 
 
-def op_name(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode}"
-
-
 def wait_for(channel: FuseChannel, token: Any, deadline: float | None,
              other: Callable[[Completion], None] | None = None) -> Completion | None:
     """Harvest on this thread until the request submitted with ``token`` completes: its
@@ -500,7 +499,7 @@ class BlockingDevice:
         c = wait_for(self.channel, request, deadline)
         if c is None:
             self.channel.abandon(request)
-            raise OSError(errno.ETIMEDOUT, f"no reply to {op_name(request.opcode)}")
+            raise OSError(errno.ETIMEDOUT, f"no reply to {opcode_name(request.opcode)}")
         if c.error is not None:
             raise c.error
         return c.result

@@ -40,7 +40,6 @@ from pyvirtiofs.actors.channel import (
     Completion,
     FuseChannel,
     RequestContext,
-    op_name,
     wait_for,
 )
 from pyvirtiofs.actors.doorbell import Doorbell
@@ -54,6 +53,7 @@ from pyvirtiofs.actors.messages import (
 )
 from pyvirtiofs.actors.runtime import Future, InlineActor, mark_nonblocking
 from pyvirtiofs.codec import fuse_requests
+from pyvirtiofs.codec.fuse_abi import opcode_name
 from pyvirtiofs.hw.transport import DeviceGone, VirtioTransport
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class DeviceActor(InlineActor):
             timeout = call.timeout or 0.0
             self._abandon(call.reply, OSError(
                 errno.ETIMEDOUT,
-                f"no reply to {op_name(call.request.opcode)} in {timeout:g} s; device: "
+                f"no reply to {opcode_name(call.request.opcode)} in {timeout:g} s; device: "
                 f"{self.channel.in_flight} in flight, {len(self.backlog)} waiting"))
         if self.transport.death_fd() is None and self.timeouts and not self.transport.alive():
             self._died()  # a transport that cannot report its death: ask after a timeout

@@ -97,6 +97,14 @@ class Opcode(enum.IntEnum):
     CUSE_INIT = 4096
 
 
+def opcode_name(opcode: int | str) -> str:
+    """``opcode``'s name for logs and reports (``"opcode N"`` for one the ABI lacks)."""
+    try:
+        return Opcode(int(opcode)).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
 # --------------------------------------------------------------------------------------
 # INIT flags (fuse_init_in.flags / fuse_init_out.flags; bits 32..63 travel in flags2,
 # shifted down by 32, and only when FUSE_INIT_EXT is set in the same message)

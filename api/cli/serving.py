@@ -13,7 +13,7 @@ from typing import Any
 from pyvirtiofs.api.cli.browse import long_listing
 from pyvirtiofs.api.cli.share import open_share
 from pyvirtiofs.api.local import connect
-from pyvirtiofs.codec.fuse_abi import Opcode
+from pyvirtiofs.codec.fuse_abi import opcode_name
 
 # -- serving ---------------------------------------------------------------------------------
 
@@ -81,5 +81,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo: read {total} bytes back in {dt * 1000:.1f} ms")
         counts = fs.stats()["device"]["requests"]
         print("demo: device requests: " + ", ".join(
-            f"{Opcode(int(op)).name} {n}" for op, n in sorted(counts.items(), key=lambda c: -c[1])))
+            f"{opcode_name(op)} {n}" for op, n in sorted(counts.items(), key=lambda c: -c[1])))
     return 0

@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyvirtiofs.codec.fuse_abi import opcode_name
 from pyvirtiofs.tools.signals import sigterm_interrupts
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class VirtioTarget(Target):
             requests = stats()["device"]["requests"]
         except (KeyError, TypeError, OSError):
             return None
-        return Counter({_opname(k): v for k, v in requests.items()})
+        return Counter({opcode_name(k): v for k, v in requests.items()})
 
     def reopen(self) -> None:
         self.fs.close()
@@ -287,14 +288,6 @@ def _flags_to_mode(flags: int) -> str:
     if flags & os.O_CREAT:
         return "xb" if flags & os.O_EXCL else "wb"
     return "rb" if acc == os.O_RDONLY else "r+b"
-
-
-def _opname(code: Any) -> str:
-    from pyvirtiofs.codec.fuse_abi import Opcode
-    try:
-        return Opcode(int(code)).name
-    except (ValueError, TypeError):
-        return str(code)
 
 
 # -- the configurations (runners) ----------------------------------------------------------

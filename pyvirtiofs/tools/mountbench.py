@@ -670,9 +670,9 @@ def _ops(counts: dict[str, int]) -> str:
 def serve(share: str, mountpoint: str) -> int:
     """The child that serves our mount for the bench: one JSON line when mounted, then one
     per ``stats`` line on stdin; unmounts at EOF (or SIGTERM)."""
-    from pyvirtiofs.actors.channel import op_name
     from pyvirtiofs.api.integrations.fusemount import mount
     from pyvirtiofs.api.local import connect
+    from pyvirtiofs.codec.fuse_abi import opcode_name
 
     signal.signal(signal.SIGTERM, lambda *_: sys.stdin.close())
     with connect(share) as fs:
@@ -687,7 +687,7 @@ def serve(share: str, mountpoint: str) -> int:
                     device = fs.device_client.stats()["requests"]
                     mine = handle.stats()
                     print(json.dumps({
-                        "device": {op_name(int(k)): v for k, v in device.items()},
+                        "device": {opcode_name(k): v for k, v in device.items()},
                         "kernel": mine.get("kernel", {}),
                         "local": mine.get("local", {}),
                     }), flush=True)
