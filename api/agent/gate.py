@@ -8,8 +8,8 @@ handshake, which are established and whose, and which are over a cap.
   and ZAP refuses).
 * **per tenant**: ZAP refuses a tenant's key once the tenant has its cap of connections.
   Requests are approved one at a time, each only once the previous approved connection
-  has completed its handshake (or :data:`ATTRIBUTION_TIMEOUT` has passed), so every
-  connection is attributed to its tenant: the descriptor that just completed is the
+  has completed its handshake, or evidently never will (see :meth:`ConnectionGate.awaiting`),
+  so every connection is attributed to its tenant: the descriptor that just completed is the
   handshaking one that has sent the most (``sent(fd)``; where that cannot be told, the
   oldest handshaking one).
 
@@ -24,6 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 ATTRIBUTION_TIMEOUT = 1.0  # seconds an approved connection may take to complete
+# ZeroMQ completes an approved handshake within milliseconds and reports it at once, unless
+# its queue of events to the gate is full: once the gate has found that queue empty this
+# long after an approval, with no completion, the connection is gone.
+ATTRIBUTION_SETTLE = 0.05
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ConnectionGate:
         self._conns: dict[int, str | None] = {}  # descriptor -> tenant
         self._per_tenant: collections.Counter[str | None] = collections.Counter()
         self._awaiting: tuple[str, float] | None = None  # approved, not yet completed
+        self._emptied_at = float("-inf")  # when the event queue was last found empty
         self._to_shut: dict[int, str] = {}  # descriptor -> why
 
     def stats(self) -> GateStats:
@@ -97,6 +102,10 @@ class ConnectionGate:
         self._per_tenant[tenant] += 1
         return fd
 
+    def has_marks(self) -> bool:
+        """Whether connections over a cap are waiting to be shut down."""
+        return bool(self._to_shut)
+
     def to_shut(self) -> dict[int, str]:
         """The connections over a cap (descriptor -> why), to shut down now; taken once a
         batch of events is told (a descriptor number is only shut down once no later event
@@ -120,11 +129,22 @@ class ConnectionGate:
 
     # -- what ZAP asks ------------------------------------------------------------------------
 
+    def all_told(self, now: float) -> None:
+        """Every event queued so far has been told (the monitor's queue was empty)."""
+        self._emptied_at = now
+
     def awaiting(self, now: float) -> bool:
         """Whether a connection approved by ZAP has yet to complete its handshake (then
-        the next ZAP request waits; one that takes too long is given up on)."""
-        if self._awaiting is not None and now - self._awaiting[1] > ATTRIBUTION_TIMEOUT:
-            self._awaiting = None  # it never completed
+        the next ZAP request waits). It is given up on after :data:`ATTRIBUTION_TIMEOUT`,
+        or sooner once every event up to :data:`ATTRIBUTION_SETTLE` after the approval has
+        been told without its completion: the connection died meanwhile (a flood's
+        connection, shut down or timed out while its request waited). Waiting the full
+        timeout for each of those would let a flood starve every tenant's handshakes."""
+        if self._awaiting is not None:
+            since = self._awaiting[1]
+            if (now - since > ATTRIBUTION_TIMEOUT
+                    or self._emptied_at - since > ATTRIBUTION_SETTLE):
+                self._awaiting = None  # it never completed
         return self._awaiting is not None
 
     def approve(self, tenant: str, cap: int | None, now: float) -> str | None:

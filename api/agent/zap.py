@@ -11,7 +11,7 @@ drops a peer that never finishes its handshake.
 
 The cap in total keeps the descriptors the agent needs for itself (its daemons, its control
 socket, restarts). The gate hears of a connection a little after ZeroMQ accepted it, and
-ZeroMQ waits for the gate when it falls behind (the monitor's queues are bounded), so a
+ZeroMQ waits for the gate when it falls behind (the monitor's queue is bounded), so a
 flood holds at most :data:`GATE_BURST` more descriptors for a moment; the agent checks at
 start that its descriptor limit has room for all of it beside ``fd_reserve``. Which
 descriptor just completed its handshake is told by ``TCP_INFO`` (the bytes it sent).
@@ -47,10 +47,13 @@ MONITOR_ENDPOINT = "inproc://pyvirtiofs.agent.monitor"
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 MONITOR_HWM = 100  # events queued for the gate on our side of the monitor pipe
 ZMQ_MONITOR_SNDHWM = 1000  # ZeroMQ's side of it (its monitor socket's default high-water mark)
-# Beyond both queues ZeroMQ's I/O thread waits for the gate (and accepts nothing meanwhile),
-# so a flood can have at most this many connections accepted before the gate has seen them
-# (one event each in the worst case: ACCEPTED, with its DISCONNECTED still to come).
-GATE_BURST = ZMQ_MONITOR_SNDHWM + MONITOR_HWM
+# Beyond this many queued events ZeroMQ's I/O thread waits for the gate (and accepts nothing
+# meanwhile): an inproc pipe holds the sender's high-water mark plus the receiver's.
+MONITOR_QUEUE = ZMQ_MONITOR_SNDHWM + MONITOR_HWM
+# Over-cap descriptors open at once: a full queue of connections the gate has not seen yet,
+# and one round's worth the gate has seen and is shutting down (a round reads at most
+# MONITOR_QUEUE events), so a flood holds at most this many beyond the caps for a moment.
+GATE_BURST = 2 * MONITOR_QUEUE
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about the same refused peer
 _TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1+)
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: event, value
@@ -84,6 +87,7 @@ class ZapHandler:
         self.refused = 0
         self._refusals: dict[tuple[str, str, str | None], tuple[float, int]] = {}
         self._local: set[Any] | None = None
+        self._noted: dict[int, tuple[str, int | None]] = {}  # to shut: fd -> (why, inode)
 
     def start(self) -> ZapHandler:
         self._thread.start()
@@ -129,9 +133,10 @@ class ZapHandler:
                 else:
                     with contextlib.suppress(KeyError):
                         poller.unregister(sock)
-                events = dict(poller.poll(20 if awaiting else 100))
-                if monitor is not None and events.get(monitor):
-                    self._watch(monitor)
+                marked = bool(self._noted) or self.gate.has_marks()
+                events = dict(poller.poll(20 if awaiting or marked else 100))
+                if monitor is not None and (marked or events.get(monitor)):
+                    self._watch(monitor)  # (one round, then a ZAP request gets its turn)
                 if events.get(sock) and not self.gate.awaiting(time.monotonic()):
                     request = sock.recv_multipart()
                     try:
@@ -150,32 +155,34 @@ class ZapHandler:
     # -- the gate ------------------------------------------------------------------------------
 
     def _watch(self, monitor: zmq.Socket[Any]) -> None:
-        """Tell the gate every queued event, then shut down what is over a cap.
+        """One round of the gate: tell it the queued events, shut down what the round
+        before noted, and note what is over a cap now.
 
         A descriptor number can have been closed and reused by a new connection since
         the event that put it over a cap. ZeroMQ reports a disconnect before it closes the
-        descriptor, so the socket's inode is noted first, then the events queued since are
-        told: a number reported gone among them is left alone, and one whose inode has
-        changed by the time it is shut was reused after the note (a well-behaved client
-        that happened to get the number is never cut off)."""
-        self._drain(monitor)
-        for _ in range(100):  # (a flood keeps adding; the next wake-up takes the rest)
-            marked = {fd: (why, _inode(fd)) for fd, why in self.gate.to_shut().items()}
-            if not marked:
-                return
-            gone = self._drain(monitor)
-            for fd, (why, inode) in marked.items():
-                if fd not in gone and inode is not None:
-                    self._shut(fd, why, inode)
+        descriptor, so the socket's inode is noted first, and the next round's events
+        (the queue's first :data:`MONITOR_QUEUE`, which hold every event queued by the
+        time of the note: no more fit) are told before it is shut: a number reported gone
+        among them is left alone, and one whose inode has changed by the time it is shut
+        was reused after the note (a well-behaved client that happened to get the number
+        is never cut off). A round reads at most a queue's worth, so the descriptors seen
+        and not yet shut stay bounded however fast a flood connects, and ZAP requests
+        are answered between rounds."""
+        gone = self._drain(monitor, MONITOR_QUEUE)
+        for fd, (why, inode) in self._noted.items():
+            if fd not in gone and inode is not None:
+                self._shut(fd, why, inode)
+        self._noted = {fd: (why, _inode(fd)) for fd, why in self.gate.to_shut().items()}
 
-    def _drain(self, monitor: zmq.Socket[Any]) -> set[int]:
-        """Tell the gate every queued event; the descriptors reported gone."""
+    def _drain(self, monitor: zmq.Socket[Any], limit: int) -> set[int]:
+        """Tell the gate up to ``limit`` queued events; the descriptors reported gone."""
         gate = self.gate
         gone: set[int] = set()
-        for _ in range(100000):
+        for _ in range(limit):
             try:
                 frames = monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                gate.all_told(time.monotonic())
                 break
             kind, value = _EVENT.unpack_from(frames[0])
             if kind == zmq.EVENT_ACCEPTED:

@@ -30,6 +30,7 @@ from pyvirtiofs.api.agent import query_control
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.client import RemoteFS, connect_remote
 from pyvirtiofs.api.remote.keys import client_keys, generate
+from pyvirtiofs.tools import procfs
 
 __all__ = ["AgentProc", "RawClient", "fd_count", "render_config", "rss_mib", "start_agent",
            "toml_value", "wait_for"]
@@ -49,16 +50,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors of a process that must be alive (the agent, a daemon)."""
+    n = procfs.fd_count(pid)
+    if n is None:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return n
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` (anonymous and shared: guest memory counts)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    """Resident memory of a live ``pid`` (anonymous and shared: guest memory counts)."""
+    kib = procfs.status_kib(pid, "VmRSS")
+    if kib is None:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return kib / 1024
 
 
 def toml_value(value: Any) -> str:

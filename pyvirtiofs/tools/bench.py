@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtiofs.codec.fuse_abi import opcode_name
+from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.signals import sigterm_interrupts
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,6 @@ class BenchParams:
 # -- memory ------------------------------------------------------------------------------
 
 
-def _status_kib(pid: int | str, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset ``VmHWM`` of ``pid`` to its current RSS (Linux ≥ 4.0: ``clear_refs`` 5)."""
     try:
@@ -123,7 +113,7 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
 
 def peak_rss_mib(pid: int | str = "self") -> float | None:
     """Peak resident set size of ``pid`` since the last reset, in MiB."""
-    kib = _status_kib(pid, "VmHWM")
+    kib = procfs.status_kib(pid, "VmHWM")
     if kib is None and pid == "self":
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return None if kib is None else kib / 1024
@@ -437,7 +427,7 @@ class Stopwatch:
             for pid in self.target.other_pids().values():
                 reset_peak_rss(pid)
         self._c0 = self.target.counts()
-        self._dcpu0 = _proc_cpu(self.target.other_pids().get("virtiofsd"))
+        self._dcpu0 = procfs.cpu_seconds(self.target.other_pids().get("virtiofsd"))
         self._cpu0 = time.process_time()
         self._t0 = time.perf_counter()
         return self
@@ -445,7 +435,7 @@ class Stopwatch:
     def __exit__(self, *exc: object) -> None:
         self.seconds += time.perf_counter() - self._t0
         self.cpu += time.process_time() - self._cpu0
-        dcpu1 = _proc_cpu(self.target.other_pids().get("virtiofsd"))
+        dcpu1 = procfs.cpu_seconds(self.target.other_pids().get("virtiofsd"))
         if self._dcpu0 is None or dcpu1 is None or self.daemon_cpu is None:
             self.daemon_cpu = None
         else:
@@ -455,21 +445,6 @@ class Stopwatch:
             self.counted = False
         else:
             self.requests.update(c1 - self._c0)
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), or None."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def load_average() -> tuple[float, float, float] | None:

@@ -59,9 +59,10 @@ from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api.agent.config import AgentConfig, load_config
 from pyvirtiofs.api.agent.zap import GATE_BURST
 from pyvirtiofs.api.remote import wire
+from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.agentrig import AgentProc, RawClient, start_agent, wait_for
 from pyvirtiofs.tools.signals import sigterm_interrupts
-from pyvirtiofs.tools.soak import proc_fds, proc_rss
+from pyvirtiofs.tools.soak import proc_rss
 
 __all__ = ["PHASES", "GoodTenant", "HalfOpenFlood", "HostileConfig", "HostileRun", "Streamer",
            "UnreadReplies", "check_bounds", "connection_flood", "format_summary", "log_flood",
@@ -575,7 +576,7 @@ class _Sampler(_Background):
 
     def sample(self) -> tuple[float, int, int, int, int] | None:
         rss, anon, _threads = proc_rss(self.pid)
-        fds = proc_fds(self.pid)
+        fds = procfs.fd_count(self.pid)
         if rss is None or fds is None:
             return None
         try:
@@ -639,7 +640,7 @@ class HostileRun:
         counts: list[int] = []
 
         def steady() -> bool:
-            counts.append(proc_fds(self.agent.proc.pid) or 0)  # type: ignore[union-attr]
+            counts.append(procfs.fd_count(self.agent.proc.pid) or 0)  # type: ignore[union-attr]
             return len(counts) >= 5 and len(set(counts[-5:])) == 1
         wait_for(steady, 30, "the agent's descriptors to settle", interval=0.1)
         return counts[-1]
@@ -690,7 +691,7 @@ class HostileRun:
             if self.agent.proc.poll() is not None:  # type: ignore[union-attr]
                 return True
             status = self.agent.status()  # type: ignore[union-attr]
-            fds = proc_fds(self.agent.proc.pid) or 0  # type: ignore[union-attr]
+            fds = procfs.fd_count(self.agent.proc.pid) or 0  # type: ignore[union-attr]
             last.update(fds=fds, bytes_in_flight=status["bytes_in_flight"],
                         handshaking=status["connections"]["handshaking"],
                         holding={t: {k: v for k, v in s.items() if v and k in _HELD}

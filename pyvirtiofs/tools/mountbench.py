@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyvirtiofs.tools import procfs
+
 WORKLOADS = ("tar", "find", "ls_cold", "ls_warm", "cat_cold", "cat_warm", "dd_write",
              "dd_read", "fsx", "rm")
 COLD = {"find", "ls_cold", "cat_cold", "dd_read"}
@@ -193,16 +195,6 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _wait_mounted(path: Path, proc: subprocess.Popen[Any], log: Path | None) -> None:
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while not os.path.ismount(path):
@@ -232,7 +224,7 @@ class Side:
     cpu_pids: list[int] = field(default_factory=list)
 
     def cpu(self) -> dict[str, float]:
-        return {str(pid): _cpu_seconds(pid) for pid in self.cpu_pids}
+        return {str(pid): procfs.cpu_seconds(pid) or 0.0 for pid in self.cpu_pids}
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {}

@@ -64,6 +64,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.signals import sigterm_interrupts
 
 __all__ = ["SoakConfig", "format_summary", "main", "run_soak"]
@@ -90,56 +91,14 @@ def proc_rss(pid: int | None) -> tuple[int | None, int | None, int | None]:
     is shared guest memory (touched progressively as buffers are used) and mapped files."""
     if pid is None:
         return None, None, None
-    rss = anon = threads = None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-                elif line.startswith("Threads:"):
-                    threads = int(line.split()[1])
-    except OSError:
-        return None, None, None
-    return rss, anon, threads
-
-
-def proc_fds(pid: int | None) -> int | None:
-    """Number of open file descriptors of ``pid`` (None if it is gone)."""
-    if pid is None:
-        return None
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
+    rss, anon = procfs.status_kib(pid, "VmRSS"), procfs.status_kib(pid, "RssAnon")
+    return (None if rss is None else rss * 1024, None if anon is None else anon * 1024,
+            procfs.status_kib(pid, "Threads"))
 
 
 def proc_fd_kinds(pid: int | None) -> Counter[str]:
     """What the open fds of ``pid`` are (socket, eventfd, memfd:…, a path), counted."""
-    kinds: Counter[str] = Counter()
-    if pid is None:
-        return kinds
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return kinds
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        kinds[target.split("[")[0] if "[" in target else target] += 1
-    return kinds
-
-
-def proc_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return Counter(target.split("[")[0] for target in procfs.fd_targets(pid).values())
 
 
 @dataclass(frozen=True)
@@ -155,7 +114,7 @@ class ProcInfo:
     @classmethod
     def of(cls, pid: int | None) -> ProcInfo:
         rss, anon, threads = proc_rss(pid)
-        return cls(pid, rss, anon, proc_fds(pid), threads)
+        return cls(pid, rss, anon, procfs.fd_count(pid), threads)
 
 
 _NOBODY = ProcInfo(None, None, None, None)
@@ -1168,10 +1127,10 @@ class _Sampler:
 def _wait_fds(pid: int | None, limit: int | None, timeout: float = 15.0) -> int | None:
     """fds of ``pid`` once they are back to ``limit`` or below (or after ``timeout``)."""
     deadline = time.monotonic() + timeout
-    n = proc_fds(pid)
+    n = procfs.fd_count(pid)
     while n is not None and limit is not None and n > limit and time.monotonic() < deadline:
         time.sleep(0.2)
-        n = proc_fds(pid)
+        n = procfs.fd_count(pid)
     return n
 
 

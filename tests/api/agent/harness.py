@@ -20,7 +20,7 @@ import msgspec
 from hypothesis import strategies as st
 
 from pyvirtiofs.api.remote.keys import load_public, load_secret
-from pyvirtiofs.tools import agentrig
+from pyvirtiofs.tools import agentrig, procfs
 from pyvirtiofs.tools.agentrig import (
     AgentProc,
     RawClient,
@@ -70,29 +70,15 @@ def agent_site(factory: Any, tenants: dict[str, dict[str, Any]],
         assert agent.terminate() == 0
 
 
-def process_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie counts as gone: it holds no resources)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def parent_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def kill_daemon(pid: int) -> None:
     """SIGKILL a virtiofsd worker and wait until it and its parent are gone: with the
     namespace sandbox the parent holds a copy of the vhost-user connection, so the agent
     sees the connection drop only once the parent has exited too."""
-    parent = parent_pid(pid)
+    parent = procfs.parent_pid(pid)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: process_gone(pid), 10, "the daemon's worker to die")
-    if parent != 1:
-        wait_for(lambda: process_gone(parent), 10, "the daemon's parent to exit")
+    wait_for(lambda: procfs.is_gone(pid), 10, "the daemon's worker to die")
+    if parent not in (None, 1):
+        wait_for(lambda: procfs.is_gone(parent), 10, "the daemon's parent to exit")
 
 
 def key_files_ok(keys: Path, name: str) -> bool:
@@ -103,14 +89,9 @@ def key_files_ok(keys: Path, name: str) -> bool:
 def _all_threads_stopped(pid: int) -> bool:
     """Every thread of ``pid`` has taken its SIGSTOP (kill() only queues the signal: a
     thread running on another CPU may still finish what it was doing)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
-                    return False
-        except FileNotFoundError:
-            continue
-    return True
+    # a thread that exits meanwhile (state None) needs no stopping
+    return all(procfs.state(pid, tid) in (None, "T", "t")
+               for tid in os.listdir(f"/proc/{pid}/task"))
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.client import RemoteFS
+from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.hostile import Streamer
 from tests.api.agent.harness import (
     REPO,
@@ -39,7 +40,6 @@ from tests.api.agent.harness import (
     fd_count,
     kill_daemon,
     op_strategy,
-    process_gone,
     start_agent,
     stopped,
     wait_for,
@@ -262,25 +262,25 @@ def test_silent_tenant_is_released_after_the_heartbeat_timeout(site: Site) -> No
 
 def test_killed_daemon_is_restarted_and_old_handles_are_stale(site: Site,
                                                                alice: RemoteFS) -> None:
-    fs = site.agent.client("crashy")
-    f = fs.open("crashy.txt", "rb", buffering=0)
-    assert f.read(4) == b"cras"
-    alice_file = alice.open("alice.txt", "rb", buffering=0)
-    old = site.agent.daemon_pid("crashy")
-    kill_daemon(old)
-    with pytest.raises(OSError) as info:
-        f.read(4)  # the next request restarts the daemon; the handle is from before
-    assert info.value.errno == errno.ESTALE
-    assert fs.read_bytes("crashy.txt") == b"crashy's file\n"  # a fresh session works
-    status = site.agent.tenant_status("crashy")
-    assert status["restarts"] == 1 and status["daemon_pid"] != old and status["alive"]
-    assert status["open_handles"] == 0
-    assert alice_file.read() == b"alice's file\n"  # other tenants never noticed
-    alice_file.close()
-    f.close()  # closing a stale handle is fine
-    site.agent.wait_log(lambda e: e["event"] == "restarted" and e["tenant"] == "crashy",
-                        "the restart line")
-    fs.close()
+    # The handles are closed however this ends: the tests after this one share the agent
+    # and count its tenants' open handles.
+    with contextlib.closing(site.agent.client("crashy")) as fs, \
+            alice.open("alice.txt", "rb", buffering=0) as alice_file:
+        f = fs.open("crashy.txt", "rb", buffering=0)
+        assert f.read(4) == b"cras"
+        old = site.agent.daemon_pid("crashy")
+        kill_daemon(old)
+        with pytest.raises(OSError) as info:
+            f.read(4)  # the next request restarts the daemon; the handle is from before
+        assert info.value.errno == errno.ESTALE
+        assert fs.read_bytes("crashy.txt") == b"crashy's file\n"  # a fresh session works
+        status = site.agent.tenant_status("crashy")
+        assert status["restarts"] == 1 and status["daemon_pid"] != old and status["alive"]
+        assert status["open_handles"] == 0
+        assert alice_file.read() == b"alice's file\n"  # other tenants never noticed
+        f.close()  # closing a stale handle is fine
+        site.agent.wait_log(lambda e: e["event"] == "restarted" and e["tenant"] == "crashy",
+                            "the restart line")
 
 
 # -- hostile input -------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def test_sigterm_drains_releases_and_exits_zero(tmp_path: Path) -> None:
         header, data = raw.recv()  # ...but what was in flight is answered
         assert header.id == pending and header.error is None and len(data[0].bytes) == 1 << 20
         assert agent.proc.wait(60) == 0
-        wait_for(lambda: process_gone(daemon), 10, "the daemon to stop")
+        wait_for(lambda: procfs.is_gone(daemon), 10, "the daemon to stop")
         assert not (agent.runtime_dir / "control.sock").exists()
         assert any(e["event"] == "agent_stopped" for e in agent.logs())
     finally:

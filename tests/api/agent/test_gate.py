@@ -4,7 +4,12 @@ shut down. The bytes each descriptor has sent are made up; time is passed in."""
 
 from __future__ import annotations
 
-from pyvirtiofs.api.agent.gate import ATTRIBUTION_TIMEOUT, ConnectionGate, GateStats
+from pyvirtiofs.api.agent.gate import (
+    ATTRIBUTION_SETTLE,
+    ATTRIBUTION_TIMEOUT,
+    ConnectionGate,
+    GateStats,
+)
 
 
 class Sent(dict[int, int | None]):
@@ -91,6 +96,17 @@ def test_the_next_request_waits_for_the_approved_one_until_a_timeout() -> None:
     gate.accepted(10, 2.0)
     gate.completed()
     assert gate.stats().per_tenant == {}  # (completed with no approval awaited: no tenant)
+
+
+def test_an_approved_connection_that_died_is_given_up_on_once_all_events_are_told() -> None:
+    gate = ConnectionGate(Sent())
+    gate.approve("alice", None, 1.0)
+    gate.all_told(1.0 + ATTRIBUTION_SETTLE / 2)  # too soon to tell: ZeroMQ may be finishing
+    assert gate.awaiting(1.0 + ATTRIBUTION_SETTLE * 2)
+    gate.all_told(1.0 + ATTRIBUTION_SETTLE * 2)  # later, and still no completion: it is gone
+    assert not gate.awaiting(1.0 + ATTRIBUTION_SETTLE * 2)
+    gate.approve("bob", None, 2.0)  # an empty queue seen before the approval says nothing
+    assert gate.awaiting(2.0 + ATTRIBUTION_SETTLE * 2)
 
 
 def test_a_reused_number_replaces_the_old_connection() -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtiofs.tools import procfs
 from tests import REPO
 
 ROOT = REPO
@@ -277,18 +278,10 @@ def check_host(directory: Path, acks: Acks, what: str) -> Figures:
 # ==========================================================================================
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _wait_gone(pids: list[int | None], what: str) -> None:
     deadline = time.monotonic() + DEADLINE
     for pid in pids:
-        while pid and _alive(pid):
+        while pid and not procfs.is_gone(pid):
             assert time.monotonic() < deadline, f"{what}: daemon {pid} still running"
             time.sleep(0.02)
 

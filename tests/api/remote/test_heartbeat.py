@@ -30,6 +30,7 @@ import pytest
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.api import connect, connect_remote
 from pyvirtiofs.api.remote.server import ShareServer, Tenant
+from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.agentrig import wait_for
 from pyvirtiofs.tools.soak import ServerProcess
 from tests import REPO
@@ -38,8 +39,7 @@ DETECTION_BOUND = 2.0  # seconds
 
 
 def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    return procfs.state(pid) in ("T", "t")
 
 
 @pytest.fixture
