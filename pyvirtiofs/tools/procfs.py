@@ -56,9 +56,10 @@ def parent_pid(pid: int | str) -> int | None:
     return None if fields is None else int(fields[1])
 
 
-def cpu_seconds(pid: int | str | None) -> float | None:
-    """User + system CPU seconds of ``pid`` (all its threads), or None if it is gone."""
-    fields = None if pid is None else stat_fields(pid)
+def cpu_seconds(pid: int | str | None, tid: int | str | None = None) -> float | None:
+    """User + system CPU seconds of ``pid`` (all its threads) or of its thread ``tid``,
+    or None if it is gone."""
+    fields = None if pid is None else stat_fields(pid, tid)
     return None if fields is None else (int(fields[11]) + int(fields[12])) / _TICK
 
 

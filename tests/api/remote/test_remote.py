@@ -21,6 +21,7 @@ from pyvirtiofs.api import connect, connect_remote
 from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.server import ShareServer, Tenant
+from pyvirtiofs.tools import procfs
 from tests import REPO
 from tests.conftest import open_fd_count
 
@@ -233,12 +234,7 @@ def _thread_cpu_seconds(name_prefix: str) -> float:
     total = 0.0
     for t in threading.enumerate():
         if t.name.startswith(name_prefix) and t.native_id is not None:
-            try:
-                with open(f"/proc/self/task/{t.native_id}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += procfs.cpu_seconds("self", t.native_id) or 0.0
     return total
 
 
