@@ -7,8 +7,8 @@ the server thread polls beside the socket. So one slow request never holds up an
 requests per client can be outstanding, matched by id.
 
 Open handles are server-side actors owned by the client connection (the ROUTER routing
-id): handle ids are random 62-bit numbers, checked against the connection, and released
-when the client says Bye, stops heart-beating, or the server stops.
+id), kept in its record (:mod:`~pyvirtiofs.api.remote.connections`) and released when the
+client says Bye, stops heart-beating, or the server stops.
 
 Which share serves a connection, and with which credentials, is the :class:`Tenant`'s
 business (:mod:`~pyvirtiofs.api.remote.tenancy`): a plain server has one tenant; the
@@ -38,16 +38,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import errno
 import functools
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -66,6 +64,7 @@ from pyvirtiofs.api.remote.admission import (
     bytes_held,
     note_rejection,
 )
+from pyvirtiofs.api.remote.connections import Connection, Connections
 from pyvirtiofs.api.remote.outbound import Outbound
 from pyvirtiofs.api.remote.scheduler import CONTENDED_BULK_RATE, PIPELINE_WINDOW, Scheduler
 from pyvirtiofs.api.remote.tenancy import Tenant, TenantLimits, TenantStats
@@ -82,16 +81,6 @@ LISTEN_BACKLOG = 1024
 SNDHWM = 1024  # replies ZeroMQ queues per connection (a client that does not read loses more)
 RCVHWM = 64  # requests ZeroMQ queues per connection before it stops reading the peer
 SWEEP_INTERVAL = 1.0
-_DIR_OPS = (m.ReadDir, m.Rewind, m.FSyncDir)
-
-
-@dataclass(eq=False)
-class _Client:
-    identity: bytes
-    tenant: Tenant
-    last_seen: float
-    handles: dict[int, tuple[Any, bool, int]] = field(default_factory=dict)
-    # handle id -> (actor ref, is_dir, tenant generation it was opened in)
 
 
 @dataclass(slots=True)
@@ -99,7 +88,7 @@ class _Pending:
     """A request admitted but not started: waiting for its turn, or for its connection's
     replies to leave."""
 
-    client: _Client
+    client: Connection
     request_id: int
     op: Any
     handle: int
@@ -115,7 +104,7 @@ class _Pending:
 class _Reply:
     """A request handed to an actor; ``future`` is what the actor will complete."""
 
-    client: _Client
+    client: Connection
     request_id: int
     op: Any
     handle: int
@@ -183,10 +172,9 @@ class ShareServer:
         self._outbound: Outbound[_Pending] = Outbound()
         self.handshake_timeout = handshake_timeout
         self.endpoints: list[str] = []
-        self._clients: dict[bytes, _Client] = {}
+        self._clients = Connections()
         self._done: collections.deque[_Reply] = collections.deque()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._released: collections.deque[_Client] = collections.deque()
         self._wake = Doorbell()
         self._stop = threading.Event()
         self._drain_until: float | None = None
@@ -261,13 +249,7 @@ class ShareServer:
 
     def stats(self) -> dict[str, Any]:
         """Clients, open handles per tenant (read without locking: a snapshot for status)."""
-        per_tenant: dict[str, dict[str, int]] = {}
-        for client in list(self._clients.values()):
-            t = per_tenant.setdefault(client.tenant.name, {"clients": 0, "handles": 0})
-            t["clients"] += 1
-            t["handles"] += sum(1 for h in list(client.handles.values())
-                                if h[2] == client.tenant.stats.generation)
-        return {"tenants": per_tenant, "requests": self.requests_served,
+        return {"tenants": self._clients.per_tenant(), "requests": self.requests_served,
                 "malformed": self.malformed, "bytes_in_flight": self.bytes_in_flight,
                 "pipeline_bytes": self.pipeline_bytes}
 
@@ -282,7 +264,7 @@ class ShareServer:
 
     def drop_tenant(self, tenant: Tenant, why: str) -> int:
         """Disconnect every client of ``tenant`` (server thread only). Returns how many."""
-        clients = [c for c in self._clients.values() if c.tenant is tenant]
+        clients = self._clients.of_tenant(tenant)
         for client in clients:
             self._drop(client, why)
         return len(clients)
@@ -365,14 +347,13 @@ class ShareServer:
                 if self._drain_until is not None and (now >= self._drain_until
                                                       or self._idle()):
                     left = sum(t.stats.requests_in_flight + t.stats.queued
-                               for t in {id(c.tenant): c.tenant
-                                         for c in self._clients.values()}.values())
+                               for t in self._clients.tenants())
                     self._event("drained", None, "drain over; %d requests unanswered", left,
                                 unanswered=left, timed_out=now >= self._drain_until)
                     break
         finally:
             self._run_calls()
-            for client in list(self._clients.values()):
+            for client in self._clients:
                 self._drop(client, "server stopping")
             self._send_completed(sock)
             # After a drain, give the last replies a moment to leave (linger 0 would drop
@@ -386,7 +367,7 @@ class ShareServer:
         """Nothing in flight or queued for any tenant (the drain is over)."""
         if self._done or self._scheduler or self._outbound.any_deferred():
             return False
-        return all(c.tenant.stats.requests_in_flight == 0 for c in self._clients.values())
+        return all(t.stats.requests_in_flight == 0 for t in self._clients.tenants())
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -433,31 +414,30 @@ class ShareServer:
             if refusal is not None:
                 if (self._admission.message(tenant, now) is not Verdict.DROP
                         and self._admission.peer_refusals.take(now)):
-                    self._reply(sock, identity, _peek_id([f.buffer for f in frames[1:]]),
+                    self._reply(sock, identity,
+                                wire.peek_request_id([f.buffer for f in frames[1:]]),
                                 error=wire.WireError(errno.EUSERS, refusal))
                 else:
                     tenant.stats.dropped += 1
                 return
-            client = self._clients[identity] = _Client(identity, tenant, now)
-            tenant.stats.clients += 1
+            client = self._clients.add(identity, tenant, now)
             self._event("connect", tenant, "client %s connected (tenant %s)",
                         identity.hex()[:8], tenant.name, client=identity.hex()[:8])
         client.last_seen = now
         tenant = client.tenant
         body = [f.buffer for f in frames[1:]]
-        verdict = self._admission.message(tenant, now, closing=_is_close(body))
+        verdict = self._admission.message(tenant, now, closing=wire.looks_like_close(body))
         if verdict is Verdict.DROP:
             tenant.stats.dropped += 1
             return
         if verdict is Verdict.REFUSE:
-            self._over_rate(sock, tenant, identity, _peek_id(body))
+            self._over_rate(sock, tenant, identity, wire.peek_request_id(body))
             return
         try:
             header = wire.decode_request(body)
         except wire.WireFormatError as exc:
             self.malformed += 1
-            request_id = _peek_id(body)
-            self._error_reply(sock, client, request_id, None, exc)
+            self._error_reply(sock, client, wire.peek_request_id(body), None, exc)
             return
         op = header.op
         if verdict is Verdict.ONLY_A_CLOSE and not isinstance(op, m.Close):
@@ -487,7 +467,7 @@ class ShareServer:
             errno.EAGAIN, "tenant limit reached: requests per second"))
 
     def _refuse(self, sock: zmq.Socket[Any], identity: bytes, frames: list[zmq.Frame],
-                client: _Client | None) -> None:
+                client: Connection | None) -> None:
         tenant = client.tenant if client is not None else None
         if identity not in self._refused:  # one line per peer, not one per message
             self._refused[identity] = None
@@ -500,11 +480,11 @@ class ShareServer:
             self._admission.count(tenant)
         if not self._admission.peer_refusals.take(time.monotonic()):
             return  # a flood of refused messages is not worth an answer each
-        request_id = _peek_id([f.buffer for f in frames[1:]])
+        request_id = wire.peek_request_id([f.buffer for f in frames[1:]])
         self._reply(sock, identity, request_id, error=wire.WireError(
             errno.EACCES, "not authorised for this server"))
 
-    def _error_reply(self, sock: zmq.Socket[Any], client: _Client, request_id: int, op: Any,
+    def _error_reply(self, sock: zmq.Socket[Any], client: Connection, request_id: int, op: Any,
                      exc: BaseException) -> None:
         error = _wire_error(exc)
         tenant = client.tenant
@@ -518,7 +498,7 @@ class ShareServer:
 
     # -- admission, queues and dispatch -------------------------------------------------------
 
-    def _admit(self, client: _Client, request_id: int, op: Any, handle: int,
+    def _admit(self, client: Connection, request_id: int, op: Any, handle: int,
                nbytes: int) -> None:
         """Check the tenant's limits, charge the request, then queue it (or let it wait
         behind its connection's unsent replies)."""
@@ -588,24 +568,13 @@ class ShareServer:
         client, op, handle = pending.client, pending.op, pending.handle
         tenant = client.tenant
         try:
-            if self._clients.get(client.identity) is not client:
+            if not self._clients.is_current(client):
                 raise OSError(errno.ENOTCONN, "the connection was closed")
             if isinstance(op, wire.HANDLE_OPS):
-                entry = client.handles.get(handle)
-                if entry is None:
-                    raise OSError(errno.EBADF, "no such handle on this connection")
-                ref, is_dir, generation = entry
-                stale = generation != tenant.stats.generation
-                if isinstance(op, m.Close):
-                    del client.handles[handle]
-                    if stale:  # its share was restarted: nothing left to release
-                        self._reply_later(pending, None)
-                        return
-                    tenant.stats.open_handles -= 1
-                elif stale:
-                    raise OSError(errno.ESTALE, "the share was restarted; reopen the file")
-                elif is_dir != isinstance(op, _DIR_OPS):
-                    raise OSError(errno.EBADF, "wrong kind of handle for this operation")
+                ref = self._clients.actor_for(client, handle, op)
+                if ref is None:  # the Close of a stale handle: nothing left to release
+                    self._reply_later(pending, None)
+                    return
             else:
                 ref = tenant.fs.session
             if not ref.is_alive():
@@ -711,33 +680,24 @@ class ShareServer:
         if isinstance(op, m.Read):
             value, data = None, value
         elif isinstance(op, OPEN_OPS):
-            value = self._register(client, op, value, reply.generation)
+            try:
+                value = self._register(client, op, value, reply.generation)
+            except OSError as exc:
+                self._error_reply(sock, client, reply.request_id, op, exc)
+                return
             if value is None:
-                return
-            if isinstance(value, OSError):
-                self._error_reply(sock, client, reply.request_id, op, value)
-                return
+                return  # the client has left
         self._reply(sock, client.identity, reply.request_id, value, data=data, tenant=tenant)
 
-    def _register(self, client: _Client, op: Any, opened: Any,
-                  generation: int) -> wire.RemoteHandle | OSError | None:
-        """Give a newly opened handle actor an id on the client's connection."""
-        ref = opened.actor
-        tenant = client.tenant
-        if self._clients.get(client.identity) is not client:
-            with contextlib.suppress(Exception):
-                ref.stop(block=False)  # the client left while its open was in flight
-            return None
-        if generation != tenant.stats.generation:
-            with contextlib.suppress(Exception):
-                ref.stop(block=False)  # opened on a share that has been restarted since
-            return OSError(errno.ESTALE, "the share was restarted while opening")
-        handle = secrets.randbits(62) | 1
-        while handle in client.handles:
-            handle = secrets.randbits(62) | 1
+    def _register(self, client: Connection, op: Any, opened: Any,
+                  generation: int) -> wire.RemoteHandle | None:
+        """Give a newly opened handle actor an id on the client's connection: the reply
+        (None: the client has left)."""
         is_dir = isinstance(op, m.OpenDir)
-        client.handles[handle] = (ref, is_dir, generation)
-        tenant.stats.open_handles += 1
+        handle = self._clients.register(client, opened.actor, is_dir=is_dir,
+                                        generation=generation)
+        if not handle:
+            return None
         if is_dir:
             return wire.RemoteHandle(handle, opened.nodeid)
         return wire.RemoteHandle(handle, opened.nodeid, opened.flags, opened.attr)
@@ -781,57 +741,24 @@ class ShareServer:
     # -- client life cycle -------------------------------------------------------------------
 
     def _sweep(self, now: float) -> None:
-        for client in list(self._clients.values()):
-            if now - client.last_seen > self.heartbeat_timeout:
-                self._drop(client, "stopped heart-beating")
-        tenants = [c.tenant for c in self._clients.values()] + self._scheduler.tenants()
+        for client in self._clients.silent_since(now - self.heartbeat_timeout):
+            self._drop(client, "stopped heart-beating")
+        tenants = self._clients.tenants() + self._scheduler.tenants()
         for tenant in {id(t.stats): t for t in tenants}.values():
             self._admission.measure_rate(tenant, now)
         self._scheduler.forget_activity(now)
         self._outbound.forget_idle()
 
-    def _drop(self, client: _Client, why: str) -> None:
+    def _drop(self, client: Connection, why: str) -> None:
         """Forget a connection and release its handles (the actors send RELEASE)."""
-        if self._clients.pop(client.identity, None) is None:
+        live = self._clients.remove(client)
+        if live is None:
             return
-        tenant = client.tenant
-        tenant.stats.clients -= 1
         for pending in self._outbound.drop(client.identity):
             pending.tenant.stats.deferred -= 1
             self._admission.release(pending.tenant, pending.op, pending.cost)
-        live = 0
-        for ref, _, generation in client.handles.values():
-            if generation == tenant.stats.generation:
-                live += 1
-            with contextlib.suppress(Exception):
-                ref.stop(block=False)
-        tenant.stats.open_handles -= live
-        if tenant.stats.clients == 0:
-            tenant.stats.request_rate = 0.0
+        tenant = client.tenant
         self._event("disconnect", tenant,
                     "client %s %s; released %d handles (tenant %s)", client.identity.hex()[:8],
                     why, live, tenant.name, client=client.identity.hex()[:8], reason=why,
                     released=live)
-        client.handles.clear()
-
-
-_CLOSE_TAG = b"\xa5Close"  # msgpack of the tag "Close", as a Close request header holds it
-
-
-def _is_close(body: list[Any]) -> bool:
-    """Whether a (not yet decoded) request looks like a Close: it is never refused for
-    the rate, so a client over its rate can still release what it holds."""
-    return bool(body) and len(body[0]) < 64 and _CLOSE_TAG in bytes(body[0])
-
-
-def _peek_id(frames: list[Any]) -> int:
-    """The request id of a malformed request, if its header still has one (else 0)."""
-    if not frames:
-        return 0
-    try:
-        head = msgspec.msgpack.decode(frames[0])
-    except Exception:  # any garbage: msgspec raises several kinds (RecursionError too)
-        return 0
-    if isinstance(head, list) and head and type(head[0]) is int:  # a bool is no id
-        return head[0] if 0 <= head[0] < 1 << 63 else 0
-    return 0

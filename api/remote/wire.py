@@ -312,3 +312,27 @@ def decode_value(op: Any, raw: msgspec.Raw) -> Any:
         return decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"malformed reply value: {exc}", errno_mod.EPROTO) from None
+
+
+_CLOSE_TAG = b"\xa5Close"  # msgpack of the tag "Close", as a Close request header holds it
+
+
+def looks_like_close(frames: list[Any]) -> bool:
+    """Whether a request not yet decoded looks like a Close (cheaply, before the rate
+    check: a Close is never refused for the rate, so a client over its rate can still
+    release what it holds)."""
+    return bool(frames) and len(frames[0]) < 64 and _CLOSE_TAG in bytes(frames[0])
+
+
+def peek_request_id(frames: list[Any]) -> int:
+    """The request id of a request that is refused or malformed, if its header still has
+    one (else 0), so the error reply can be matched."""
+    if not frames:
+        return 0
+    try:
+        head = msgspec.msgpack.decode(frames[0])
+    except Exception:  # any garbage: msgspec raises several kinds (RecursionError too)
+        return 0
+    if isinstance(head, list) and head and type(head[0]) is int:  # a bool is no id
+        return head[0] if 0 <= head[0] < 1 << 63 else 0
+    return 0

@@ -101,3 +101,26 @@ def test_deep_nesting_is_einval_not_a_recursion_error(where: str) -> None:
     with pytest.raises(wire.WireFormatError) as info:
         wire.decode_request([raw])
     assert info.value.errno == errno.EINVAL
+
+
+def test_a_close_is_told_apart_before_decoding() -> None:
+    assert wire.looks_like_close([wire.encode_request(7, m.Close(), handle=5)])
+    for op in (m.Stat(path=b"Close"), m.Read(size=1, offset=0)):  # ("Close" as a name: no)
+        assert not wire.looks_like_close([wire.encode_request(7, op, handle=5)])
+    assert not wire.looks_like_close([])
+    assert not wire.looks_like_close([b"\xa5Close" + b"\0" * 64])  # too long for a Close
+
+
+@pytest.mark.parametrize(("frames", "request_id"), [
+    ([wire.encode_request(42, m.Stat(path=b"x"))], 42),
+    ([msgspec.msgpack.encode([7, "garbage"])], 7),  # a header that decodes no further
+    ([msgspec.msgpack.encode([True, 1])], 0),  # a bool is no id
+    ([msgspec.msgpack.encode([-1])], 0),
+    ([msgspec.msgpack.encode([1 << 63])], 0),
+    ([b"\xc1"], 0),  # not msgpack at all
+    ([b"\x91" * 10_000], 0),  # nested past any limit
+    ([], 0),
+])
+def test_the_request_id_of_a_refused_request_is_peeked_when_it_can_be(
+        frames: list[bytes], request_id: int) -> None:
+    assert wire.peek_request_id(frames) == request_id
