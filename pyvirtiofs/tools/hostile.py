@@ -987,6 +987,12 @@ def check_bounds(run: HostileRun, exit_status: int | None) -> dict[str, dict[str
         checks["reloads applied"] = {"ok": signals["failure"] is None
                                      and signals["attack"].get("storms", 0) > 0,
                                      "storms": signals["attack"].get("storms", 0)}
+    flood = next((p for p in phases if p["phase"] == "connection-flood"), None)
+    flooder = cfg.tenants.get("flooder")
+    if flood is not None and flooder is not None and flooder.limits.connections is not None:
+        # held to its cap, and its handshakes still got through (the gate did not starve)
+        most, cap = flood["attack"].get("flooder_most", 0), flooder.limits.connections
+        checks["connection cap held"] = {"ok": 0 < most <= cap, "most": most, "cap": cap}
     streaming = next((p for p in phases if p["phase"] == "streaming"), None)
     if streaming is not None:
         ratio = streaming["attack"].get("fairness", {}).get("p99_ratio")

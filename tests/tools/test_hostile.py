@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtiofs.api.agent.config import AgentConfig, LimitsConfig, TenantConfig
 from pyvirtiofs.tools.hostile import (
     PHASES,
     HostileConfig,
@@ -30,7 +31,8 @@ pytestmark = [pytest.mark.soak, pytest.mark.daemon]
 
 # What a run must satisfy whatever the machine's load (the fairness ratio is not here).
 BOUNDS = ("good tenant errors", "good tenant served", "agent fds", "agent RSS", "log growth",
-          "recovered after each phase", "attacks ran", "clean stop", "reloads applied")
+          "recovered after each phase", "attacks ran", "clean stop", "reloads applied",
+          "connection cap held")
 
 
 @pytest.mark.timeout(420)
@@ -88,3 +90,22 @@ def test_the_checks_fail_on_errors_and_bounds_exceeded(tmp_path: Path) -> None:
     summary = format_summary({"phases": run.phases, "checks": checks, "passed": False,
                               "baseline_fds": 80, "settings": {}})
     assert "FAIL" in summary and "half-open-flood" in summary
+
+
+@pytest.mark.parametrize(("most", "ok"), [(0, False), (1, True), (64, True), (65, False)])
+def test_the_connection_flood_is_checked_against_the_flooders_cap(tmp_path: Path, most: int,
+                                                                    ok: bool) -> None:
+    """The flooder must get some connections (handshakes are not starved) and no more
+    than its cap."""
+    run = HostileRun(HostileConfig(phase_seconds=1, phases=("connection-flood",)), tmp_path,
+                     None)
+    flooder = TenantConfig(id="flooder", public_key=b"", share="/", socket=None, root="/",
+                           read_only=False, uid=0, gid=0, limits=LimitsConfig(connections=64))
+    run.agent_config = AgentConfig(path="", bind=(), public_key=b"", secret_key=b"",
+                                   runtime_dir="", tenants={"flooder": flooder})
+    run.phases = [{"phase": "connection-flood", "seconds": 1.0, "recovery_seconds": 0.0,
+                   "failure": None, "recovered": True, "attack": {"flooder_most": most},
+                   "good": {"ops": 10, "errors": 0},
+                   "agent": {"fds_peak": 90, "rss_peak_mib": 40.0, "log_growth_bytes": 0}}]
+    check = check_bounds(run, 0)["connection cap held"]
+    assert check["ok"] is ok and check["cap"] == 64
