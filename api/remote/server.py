@@ -13,8 +13,13 @@ client says Bye, stops heart-beating, or the server stops.
 Which share serves a connection, and with which credentials, is the :class:`Tenant`'s
 business (:mod:`~pyvirtiofs.api.remote.tenancy`): a plain server has one tenant; the
 multi-tenant agent maps each authenticated client to its own. The server thread is the
-loop around three sets of rules, each a plain class of its own:
+socket's loop: it takes messages in (who sends them, whether they get in, decoding) and
+sends replies out. An admitted request goes to the
+:class:`~pyvirtiofs.api.remote.dispatch.Dispatcher`, which queues it, hands it to its
+actor, restarts a dead share and hands back the completion. Both ask plain rules, each a
+class of its own:
 
+* :mod:`~pyvirtiofs.api.remote.connections`: the connections and the handles they hold;
 * :mod:`~pyvirtiofs.api.remote.admission`: whether a message gets in (every message counts
   against the tenant's rate; bytes in flight, open handles, queued requests, connections);
 * :mod:`~pyvirtiofs.api.remote.scheduler`: which waiting request starts next (deficit round
@@ -28,8 +33,8 @@ Replies go out round-robin over tenants. The socket's per-connection high-water 
 what ZeroMQ queues besides.
 
 A tenant whose share died (:meth:`Tenant.alive`) is restarted in a worker thread
-(:meth:`Tenant.restart`) while its requests wait; handles of the dead share then answer
-``ESTALE``.
+(:meth:`Tenant.restart`) by the dispatcher while its requests wait; handles of the dead
+share then answer ``ESTALE``.
 
 Other threads talk to the server thread only through :meth:`ShareServer.call_soon`.
 """
@@ -45,7 +50,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -54,8 +58,6 @@ import zmq
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.actors.doorbell import Doorbell
-from pyvirtiofs.actors.runtime import Future, done, failed
-from pyvirtiofs.api.local import VirtioFS
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.admission import (
     OPEN_OPS,
@@ -65,6 +67,7 @@ from pyvirtiofs.api.remote.admission import (
     note_rejection,
 )
 from pyvirtiofs.api.remote.connections import Connection, Connections
+from pyvirtiofs.api.remote.dispatch import Completion, Dispatcher, Pending
 from pyvirtiofs.api.remote.outbound import Outbound
 from pyvirtiofs.api.remote.scheduler import CONTENDED_BULK_RATE, PIPELINE_WINDOW, Scheduler
 from pyvirtiofs.api.remote.tenancy import Tenant, TenantLimits, TenantStats
@@ -74,44 +77,12 @@ log = logging.getLogger(__name__)
 __all__ = ["ShareServer", "Tenant", "TenantLimits", "TenantStats"]
 
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
-RESTART_BACKOFF = 1.0  # seconds between attempts to restart a tenant's dead share
 DRAIN_LINGER_MS = 2000  # how long the last replies of a drain may take to leave
 HANDSHAKE_TIMEOUT = 5.0  # seconds a peer may take to complete ZeroMQ's handshake
 LISTEN_BACKLOG = 1024
 SNDHWM = 1024  # replies ZeroMQ queues per connection (a client that does not read loses more)
 RCVHWM = 64  # requests ZeroMQ queues per connection before it stops reading the peer
 SWEEP_INTERVAL = 1.0
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A request admitted but not started: waiting for its turn, or for its connection's
-    replies to leave."""
-
-    client: Connection
-    request_id: int
-    op: Any
-    handle: int
-    cost: int  # bytes charged to bytes_in_flight
-    seq: int = 0  # arrival order
-
-    @property
-    def tenant(self) -> Tenant:
-        return self.client.tenant
-
-
-@dataclass(slots=True)
-class _Reply:
-    """A request handed to an actor; ``future`` is what the actor will complete."""
-
-    client: Connection
-    request_id: int
-    op: Any
-    handle: int
-    cost: int = 0
-    generation: int = 0
-    future: Future[Any] | None = None
-    bulk: int = 0  # bytes it holds in the pipeline window while it executes
 
 
 def _wire_error(exc: BaseException) -> wire.WireError:
@@ -167,13 +138,12 @@ class ShareServer:
         now = time.monotonic()
         self._admission = Admission(now, max_bytes_in_flight=max_bytes_in_flight,
                                     max_clients=max_clients)
-        self._scheduler: Scheduler[_Pending] = Scheduler(
+        self._scheduler: Scheduler[Pending] = Scheduler(
             now, pipeline_window=pipeline_window, contended_bulk_rate=contended_bulk_rate)
-        self._outbound: Outbound[_Pending] = Outbound()
+        self._outbound: Outbound[Pending] = Outbound()
         self.handshake_timeout = handshake_timeout
         self.endpoints: list[str] = []
         self._clients = Connections()
-        self._done: collections.deque[_Reply] = collections.deque()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = Doorbell()
         self._stop = threading.Event()
@@ -184,6 +154,9 @@ class ShareServer:
         self.requests_served = 0
         self.malformed = 0
         self._refused: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._dispatcher = Dispatcher(self._clients, self._admission, self._scheduler,
+                                      self._outbound, call_soon=self.call_soon,
+                                      poke=self._poke, event=self._event)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -338,14 +311,14 @@ class ShareServer:
                 self._send_completed(sock)
                 if events.get(sock):
                     self._receive(sock)
-                self._undefer()
-                self._pump(sock)
+                self._dispatcher.undefer()
+                self._dispatcher.pump(functools.partial(self._refuse_pending, sock))
                 now = time.monotonic()
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + SWEEP_INTERVAL
                 if self._drain_until is not None and (now >= self._drain_until
-                                                      or self._idle()):
+                                                      or self._dispatcher.idle()):
                     left = sum(t.stats.requests_in_flight + t.stats.queued
                                for t in self._clients.tenants())
                     self._event("drained", None, "drain over; %d requests unanswered", left,
@@ -362,12 +335,6 @@ class ShareServer:
             if self._own_context:
                 self.context.term()
             self._wake.close()
-
-    def _idle(self) -> bool:
-        """Nothing in flight or queued for any tenant (the drain is over)."""
-        if self._done or self._scheduler or self._outbound.any_deferred():
-            return False
-        return all(t.stats.requests_in_flight == 0 for t in self._clients.tenants())
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -456,7 +423,8 @@ class ShareServer:
                 op = tenant.admit(op)
                 if isinstance(op, m.Write):
                     op = msgspec.structs.replace(op, data=body[1])
-                self._admit(client, header.id, op, header.handle, bytes_held(op, body))
+                self._dispatcher.admit(client, header.id, op, header.handle,
+                                       bytes_held(op, body))
         except Exception as exc:
             self._error_reply(sock, client, header.id, op, exc)
 
@@ -496,167 +464,21 @@ class ShareServer:
                         detail=error.strerror)
         self._reply(sock, client.identity, request_id, error=error)
 
-    # -- admission, queues and dispatch -------------------------------------------------------
+    def _refuse_pending(self, sock: zmq.Socket[Any], pending: Pending,
+                        exc: BaseException) -> None:
+        self._error_reply(sock, pending.client, pending.request_id, pending.op, exc)
 
-    def _admit(self, client: Connection, request_id: int, op: Any, handle: int,
-               nbytes: int) -> None:
-        """Check the tenant's limits, charge the request, then queue it (or let it wait
-        behind its connection's unsent replies)."""
-        if isinstance(op, wire.HANDLE_OPS) and handle not in client.handles:
-            raise OSError(errno.EBADF, "no such handle on this connection")
-        identity = client.identity
-        self._admission.request(client.tenant, op, nbytes,
-                                deferred=self._outbound.deferred(identity))
-        pending = _Pending(client, request_id, op, handle, nbytes)
-        self._scheduler.arrived(pending, time.monotonic(),
-                                activity=not isinstance(op, m.Close))
-        if self._outbound.must_wait(identity):
-            self._defer(pending)  # its replies are not leaving: wait for them
-            return
-        self._enqueue(pending)
-
-    def _defer(self, pending: _Pending) -> None:
-        self._outbound.defer(pending.client.identity, pending)
-        pending.tenant.stats.deferred += 1
-
-    def _enqueue(self, pending: _Pending) -> None:
-        self._scheduler.push(pending)
-        pending.tenant.stats.queued += 1
-
-    def _undefer(self) -> None:
-        """Connections whose replies have left (or were dropped) are served again."""
-        for pending in self._outbound.undefer():
-            pending.tenant.stats.deferred -= 1
-            self._enqueue(pending)
-
-    def _can_dispatch(self, tenant: Tenant) -> bool:
-        stats = tenant.stats
-        if stats.restarting:
-            return False
-        cap = tenant.limits.requests_in_flight
-        if cap is not None and stats.requests_in_flight >= cap:
-            return False
-        try:
-            alive = tenant.alive()
-        except Exception:
-            log.exception("checking the share of tenant %s failed", tenant.name)
-            alive = False
-        if alive:
-            return True
-        self._start_restart(tenant)
-        return not stats.restarting
-
-    def _pump(self, sock: zmq.Socket[Any]) -> None:
-        """Start the waiting requests the scheduler lets go."""
-        self._scheduler.pump(time.monotonic(), self._can_dispatch,
-                             functools.partial(self._start, sock))
-
-    def _start(self, sock: zmq.Socket[Any], pending: _Pending) -> bool:
-        """Dispatch a request the scheduler let go (False: it waits for its connection's
-        replies to leave first)."""
-        pending.tenant.stats.queued -= 1
-        if self._outbound.backed_up(pending.client.identity):
-            self._defer(pending)
-            return False
-        try:
-            self._dispatch(pending)
-        except Exception as exc:
-            self._error_reply(sock, pending.client, pending.request_id, pending.op, exc)
-        return True
-
-    def _dispatch(self, pending: _Pending) -> None:
-        client, op, handle = pending.client, pending.op, pending.handle
-        tenant = client.tenant
-        try:
-            if not self._clients.is_current(client):
-                raise OSError(errno.ENOTCONN, "the connection was closed")
-            if isinstance(op, wire.HANDLE_OPS):
-                ref = self._clients.actor_for(client, handle, op)
-                if ref is None:  # the Close of a stale handle: nothing left to release
-                    self._reply_later(pending, None)
-                    return
-            else:
-                ref = tenant.fs.session
-            if not ref.is_alive():
-                raise OSError(errno.EBADF if isinstance(op, wire.HANDLE_OPS) else errno.ENOTCONN,
-                              "the actor serving this request is gone")
-        except BaseException:
-            self._admission.release(tenant, op, pending.cost)
-            raise
-        reply = _Reply(client, pending.request_id, op, handle, pending.cost,
-                       tenant.stats.generation, bulk=self._scheduler.begin(pending))
-        tenant.stats.requests_in_flight += 1
-        try:
-            reply.future = tenant.execute(ref, op)
-        except Exception as exc:
-            reply.future = failed(exc)
-        reply.future.add_done_callback(lambda _, r=reply: self._completed(r))
-
-    def _reply_later(self, pending: _Pending, value: Any) -> None:
-        """Answer a request without an actor (it still goes through the completion path)."""
-        pending.client.tenant.stats.requests_in_flight += 1
-        self._completed(_Reply(pending.client, pending.request_id, pending.op, pending.handle,
-                               pending.cost, pending.client.tenant.stats.generation,
-                               done(value)))
-
-    # -- restarting a tenant's share ----------------------------------------------------------
-
-    def _start_restart(self, tenant: Tenant) -> None:
-        stats = tenant.stats
-        if stats.restarting or time.monotonic() < stats._retry_at:
-            return
-        stats.restarting = True
-        self._event("restart", tenant, "restarting the share of tenant %s", tenant.name,
-                    level=logging.WARNING, generation=stats.generation + 1)
-
-        def work() -> None:
-            try:
-                fs: VirtioFS | BaseException = tenant.restart()
-            except BaseException as exc:
-                fs = exc
-            self.call_soon(lambda: self._restarted(tenant, fs))
-
-        threading.Thread(target=work, name=f"restart-{tenant.name}", daemon=True).start()
-
-    def _restarted(self, tenant: Tenant, fs: VirtioFS | BaseException) -> None:
-        stats = tenant.stats
-        stats.restarting = False
-        if isinstance(fs, BaseException):
-            stats._retry_at = time.monotonic() + RESTART_BACKOFF
-            self._event("restart_failed", tenant, "restarting tenant %s failed: %s",
-                        tenant.name, fs, level=logging.ERROR, detail=str(fs))
-            self._fail_queue(tenant, OSError(errno.ENOTCONN,
-                                             f"the share is unavailable: {fs}"))
-            return
-        tenant.fs = fs
-        stats.generation += 1
-        stats.restarts += 1
-        stats.open_handles = 0  # the old handles are stale (ESTALE), not open
-        self._event("restarted", tenant, "tenant %s share restarted", tenant.name,
-                    generation=stats.generation, daemon_pid=fs.daemon_pid)
-        # _pump (after this call) dispatches what waited.
-
-    def _fail_queue(self, tenant: Tenant, exc: OSError) -> None:
-        for pending in self._scheduler.remove(tenant):
-            tenant.stats.queued -= 1
-            tenant.stats.requests_in_flight += 1
-            self._completed(_Reply(pending.client, pending.request_id, pending.op,
-                                   pending.handle, pending.cost, future=failed(exc)))
-
-    # -- completions (any thread → server thread) --------------------------------------------
-
-    def _completed(self, reply: _Reply) -> None:
-        self._done.append(reply)
-        self._poke()
+    # -- replies -----------------------------------------------------------------------------
 
     def _send_completed(self, sock: zmq.Socket[Any]) -> None:
-        if not self._done:
+        done = self._dispatcher.done
+        if not done:
             return
         # Replies go out round-robin over tenants: a tenant with many completions at once
         # does not hold another's reply back behind all of its own.
-        by_tenant: dict[int, collections.deque[_Reply]] = {}
-        while self._done:
-            reply = self._done.popleft()
+        by_tenant: dict[int, collections.deque[Completion]] = {}
+        while done:
+            reply = done.popleft()
             by_tenant.setdefault(id(reply.client.tenant), collections.deque()).append(reply)
         queues = list(by_tenant.values())
         while queues:
@@ -664,14 +486,10 @@ class ShareServer:
                 self._send_one(sock, queue.popleft())
             queues = [q for q in queues if q]
 
-    def _send_one(self, sock: zmq.Socket[Any], reply: _Reply) -> None:
+    def _send_one(self, sock: zmq.Socket[Any], reply: Completion) -> None:
         assert reply.future is not None
-        client = reply.client
-        tenant = client.tenant
-        tenant.stats.requests_in_flight -= 1
-        op = reply.op
-        self._admission.release(tenant, op, reply.cost)
-        self._scheduler.end(reply.bulk)
+        self._dispatcher.finish(reply)
+        client, op = reply.client, reply.op
         value, exc = reply.future.result_or_error()
         if exc is not None:
             self._error_reply(sock, client, reply.request_id, op, exc)
@@ -687,7 +505,8 @@ class ShareServer:
                 return
             if value is None:
                 return  # the client has left
-        self._reply(sock, client.identity, reply.request_id, value, data=data, tenant=tenant)
+        self._reply(sock, client.identity, reply.request_id, value, data=data,
+                    tenant=client.tenant)
 
     def _register(self, client: Connection, op: Any, opened: Any,
                   generation: int) -> wire.RemoteHandle | None:
@@ -754,9 +573,7 @@ class ShareServer:
         live = self._clients.remove(client)
         if live is None:
             return
-        for pending in self._outbound.drop(client.identity):
-            pending.tenant.stats.deferred -= 1
-            self._admission.release(pending.tenant, pending.op, pending.cost)
+        self._dispatcher.forget(client.identity)
         tenant = client.tenant
         self._event("disconnect", tenant,
                     "client %s %s; released %d handles (tenant %s)", client.identity.hex()[:8],
