@@ -13,10 +13,10 @@ client says Bye, stops heart-beating, or the server stops.
 Which share serves a connection, and with which credentials, is the :class:`Tenant`'s
 business (:mod:`~pyvirtiofs.api.remote.tenancy`): a plain server has one tenant; the
 multi-tenant agent maps each authenticated client to its own. The server thread is the
-socket's loop: it takes messages in (who sends them, whether they get in, decoding) and
-sends replies out. An admitted request goes to the
-:class:`~pyvirtiofs.api.remote.dispatch.Dispatcher`, which queues it, hands it to its
-actor, restarts a dead share and hands back the completion. Both ask plain rules, each a
+socket's loop: it takes messages in (who sends them, whether they get in, decoding). An
+admitted request goes to the :class:`~pyvirtiofs.api.remote.dispatch.Dispatcher`, which
+queues it, hands it to its actor, restarts a dead share and hands back the completion;
+:mod:`~pyvirtiofs.api.remote.replies` sends the answers. They ask plain rules, each a
 class of its own:
 
 * :mod:`~pyvirtiofs.api.remote.connections`: the connections and the handles they hold;
@@ -46,29 +46,27 @@ import concurrent.futures
 import errno
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import pykka
 import zmq
 
 from pyvirtiofs.actors import messages as m
 from pyvirtiofs.actors.doorbell import Doorbell
 from pyvirtiofs.api.remote import wire
 from pyvirtiofs.api.remote.admission import (
-    OPEN_OPS,
     Admission,
     Verdict,
     bytes_held,
     note_rejection,
 )
 from pyvirtiofs.api.remote.connections import Connection, Connections
-from pyvirtiofs.api.remote.dispatch import Completion, Dispatcher, Pending
+from pyvirtiofs.api.remote.dispatch import Dispatcher, Pending
 from pyvirtiofs.api.remote.outbound import Outbound
+from pyvirtiofs.api.remote.replies import Replies
 from pyvirtiofs.api.remote.scheduler import CONTENDED_BULK_RATE, PIPELINE_WINDOW, Scheduler
 from pyvirtiofs.api.remote.tenancy import Tenant, TenantLimits, TenantStats
 
@@ -83,19 +81,6 @@ LISTEN_BACKLOG = 1024
 SNDHWM = 1024  # replies ZeroMQ queues per connection (a client that does not read loses more)
 RCVHWM = 64  # requests ZeroMQ queues per connection before it stops reading the peer
 SWEEP_INTERVAL = 1.0
-
-
-def _wire_error(exc: BaseException) -> wire.WireError:
-    if isinstance(exc, OSError) and exc.errno:
-        f1 = os.fsencode(exc.filename) if isinstance(exc.filename, (str, bytes)) else None
-        f2 = os.fsencode(exc.filename2) if isinstance(exc.filename2, (str, bytes)) else None
-        return wire.WireError(exc.errno, exc.strerror or os.strerror(exc.errno), f1, f2)
-    if isinstance(exc, wire.WireFormatError):
-        return wire.WireError(exc.errno, str(exc))
-    if isinstance(exc, pykka.ActorDeadError):
-        return wire.WireError(errno.EBADF, "handle is gone")
-    log.error("internal error while serving a request: %r", exc)
-    return wire.WireError(errno.EIO, f"internal error: {type(exc).__name__}")
 
 
 class ShareServer:
@@ -157,6 +142,8 @@ class ShareServer:
         self._dispatcher = Dispatcher(self._clients, self._admission, self._scheduler,
                                       self._outbound, call_soon=self.call_soon,
                                       poke=self._poke, event=self._event)
+        self._replies = Replies(self._clients, self._admission, self._outbound,
+                                self._dispatcher, event=self._event)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -307,8 +294,8 @@ class ShareServer:
                 if events.get(self._wake.fileno()):
                     self._wake.drain()
                 self._run_calls()
-                self._reap()
-                self._send_completed(sock)
+                self._replies.reap()
+                self._replies.send_completed(sock)
                 if events.get(sock):
                     self._receive(sock)
                 self._dispatcher.undefer()
@@ -328,7 +315,7 @@ class ShareServer:
             self._run_calls()
             for client in self._clients:
                 self._drop(client, "server stopping")
-            self._send_completed(sock)
+            self._replies.send_completed(sock)
             # After a drain, give the last replies a moment to leave (linger 0 would drop
             # whatever ZeroMQ has not written to the network yet).
             sock.close(DRAIN_LINGER_MS if self._drain_until is not None else 0)
@@ -351,7 +338,7 @@ class ShareServer:
                 self.on_event(event, tenant.name if tenant is not None else None, **fields)
             except Exception:
                 log.exception("on_event failed")
-        else:
+        elif message:  # (an event with no message is for the hook only)
             log.log(level, message, *args)
 
     def _receive(self, sock: zmq.Socket[Any]) -> None:
@@ -381,7 +368,7 @@ class ShareServer:
             if refusal is not None:
                 if (self._admission.message(tenant, now) is not Verdict.DROP
                         and self._admission.peer_refusals.take(now)):
-                    self._reply(sock, identity,
+                    self._replies.send(sock, identity,
                                 wire.peek_request_id([f.buffer for f in frames[1:]]),
                                 error=wire.WireError(errno.EUSERS, refusal))
                 else:
@@ -404,7 +391,7 @@ class ShareServer:
             header = wire.decode_request(body)
         except wire.WireFormatError as exc:
             self.malformed += 1
-            self._error_reply(sock, client, wire.peek_request_id(body), None, exc)
+            self._replies.error(sock, client, wire.peek_request_id(body), None, exc)
             return
         op = header.op
         if verdict is Verdict.ONLY_A_CLOSE and not isinstance(op, m.Close):
@@ -413,10 +400,10 @@ class ShareServer:
         self.requests_served += 1
         try:
             if isinstance(op, wire.Ping):
-                self._reply(sock, identity, header.id)
+                self._replies.send(sock, identity, header.id)
             elif isinstance(op, wire.Bye):
                 self._drop(client, "said goodbye")
-                self._reply(sock, identity, header.id)
+                self._replies.send(sock, identity, header.id)
             elif self._drain_until is not None:
                 raise OSError(errno.ESHUTDOWN, "the server is shutting down")
             else:
@@ -426,12 +413,12 @@ class ShareServer:
                 self._dispatcher.admit(client, header.id, op, header.handle,
                                        bytes_held(op, body))
         except Exception as exc:
-            self._error_reply(sock, client, header.id, op, exc)
+            self._replies.error(sock, client, header.id, op, exc)
 
     def _over_rate(self, sock: zmq.Socket[Any], tenant: Tenant, identity: bytes,
                    request_id: int) -> None:
         note_rejection(tenant.stats, errno.EAGAIN)
-        self._reply(sock, identity, request_id, error=wire.WireError(
+        self._replies.send(sock, identity, request_id, error=wire.WireError(
             errno.EAGAIN, "tenant limit reached: requests per second"))
 
     def _refuse(self, sock: zmq.Socket[Any], identity: bytes, frames: list[zmq.Frame],
@@ -449,113 +436,12 @@ class ShareServer:
         if not self._admission.peer_refusals.take(time.monotonic()):
             return  # a flood of refused messages is not worth an answer each
         request_id = wire.peek_request_id([f.buffer for f in frames[1:]])
-        self._reply(sock, identity, request_id, error=wire.WireError(
+        self._replies.send(sock, identity, request_id, error=wire.WireError(
             errno.EACCES, "not authorised for this server"))
-
-    def _error_reply(self, sock: zmq.Socket[Any], client: Connection, request_id: int, op: Any,
-                     exc: BaseException) -> None:
-        error = _wire_error(exc)
-        tenant = client.tenant
-        tenant.stats.errors += 1
-        if self.on_event is not None:
-            self._event("error", tenant, "", client=client.identity.hex()[:8],
-                        op=type(op).__name__ if op is not None else None,
-                        errno=errno.errorcode.get(error.errno, str(error.errno)),
-                        detail=error.strerror)
-        self._reply(sock, client.identity, request_id, error=error)
 
     def _refuse_pending(self, sock: zmq.Socket[Any], pending: Pending,
                         exc: BaseException) -> None:
-        self._error_reply(sock, pending.client, pending.request_id, pending.op, exc)
-
-    # -- replies -----------------------------------------------------------------------------
-
-    def _send_completed(self, sock: zmq.Socket[Any]) -> None:
-        done = self._dispatcher.done
-        if not done:
-            return
-        # Replies go out round-robin over tenants: a tenant with many completions at once
-        # does not hold another's reply back behind all of its own.
-        by_tenant: dict[int, collections.deque[Completion]] = {}
-        while done:
-            reply = done.popleft()
-            by_tenant.setdefault(id(reply.client.tenant), collections.deque()).append(reply)
-        queues = list(by_tenant.values())
-        while queues:
-            for queue in queues:
-                self._send_one(sock, queue.popleft())
-            queues = [q for q in queues if q]
-
-    def _send_one(self, sock: zmq.Socket[Any], reply: Completion) -> None:
-        assert reply.future is not None
-        self._dispatcher.finish(reply)
-        client, op = reply.client, reply.op
-        value, exc = reply.future.result_or_error()
-        if exc is not None:
-            self._error_reply(sock, client, reply.request_id, op, exc)
-            return
-        data: Any = None
-        if isinstance(op, m.Read):
-            value, data = None, value
-        elif isinstance(op, OPEN_OPS):
-            try:
-                value = self._register(client, op, value, reply.generation)
-            except OSError as exc:
-                self._error_reply(sock, client, reply.request_id, op, exc)
-                return
-            if value is None:
-                return  # the client has left
-        self._reply(sock, client.identity, reply.request_id, value, data=data,
-                    tenant=client.tenant)
-
-    def _register(self, client: Connection, op: Any, opened: Any,
-                  generation: int) -> wire.RemoteHandle | None:
-        """Give a newly opened handle actor an id on the client's connection: the reply
-        (None: the client has left)."""
-        is_dir = isinstance(op, m.OpenDir)
-        handle = self._clients.register(client, opened.actor, is_dir=is_dir,
-                                        generation=generation)
-        if not handle:
-            return None
-        if is_dir:
-            return wire.RemoteHandle(handle, opened.nodeid)
-        return wire.RemoteHandle(handle, opened.nodeid, opened.flags, opened.attr)
-
-    # -- replies, and the bytes they hold until they have left ------------------------------
-
-    def _reply(self, sock: zmq.Socket[Any], identity: bytes, request_id: int, value: Any = None,
-               *, error: wire.WireError | None = None, data: Any = None,
-               tenant: Tenant | None = None) -> None:
-        header = wire.encode_reply(request_id, value, error)
-        size = len(header) + (len(data) if data is not None else 0)
-        if tenant is None:
-            client = self._clients.get(identity)
-            tenant = client.tenant if client is not None else None
-        try:
-            if tenant is None or not self._outbound.must_track(identity, size):
-                frames: list[Any] = [identity, header] if data is None else [identity, header,
-                                                                             data]
-                sock.send_multipart(frames, copy=True)
-                self._outbound.sent_untracked(identity, tenant, size)
-                return
-            last = zmq.Frame(data if data is not None else header, copy=False, track=True)
-            sock.send(identity, zmq.SNDMORE)
-            if data is not None:
-                sock.send(header, zmq.SNDMORE)
-            tracker = sock.send(last, copy=False, track=True)
-        except zmq.ZMQError as exc:
-            log.debug("reply to %s dropped: %s", identity.hex()[:8], exc)
-            return
-        self._hold_unsent(tenant, self._outbound.sent_tracked(identity, tenant, tracker, size))
-
-    def _reap(self) -> None:
-        """Uncharge the replies ZeroMQ has finished with (sent, or dropped)."""
-        for tenant, nbytes in self._outbound.reap(self._clients):
-            self._hold_unsent(tenant, -nbytes)
-
-    def _hold_unsent(self, tenant: Tenant, nbytes: int) -> None:
-        tenant.stats.unsent_bytes += nbytes
-        self._admission.charge(tenant, nbytes)
+        self._replies.error(sock, pending.client, pending.request_id, pending.op, exc)
 
     # -- client life cycle -------------------------------------------------------------------
 
