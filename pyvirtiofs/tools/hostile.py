@@ -62,7 +62,6 @@ from pyvirtiofs.api.remote import wire
 from pyvirtiofs.tools import procfs
 from pyvirtiofs.tools.agentrig import AgentProc, RawClient, start_agent, wait_for
 from pyvirtiofs.tools.signals import sigterm_interrupts
-from pyvirtiofs.tools.soak import proc_rss
 
 __all__ = ["PHASES", "GoodTenant", "HalfOpenFlood", "HostileConfig", "HostileRun", "Streamer",
            "UnreadReplies", "check_bounds", "connection_flood", "format_summary", "log_flood",
@@ -575,7 +574,7 @@ class _Sampler(_Background):
         super().__init__("hostile-sampler")
 
     def sample(self) -> tuple[float, int, int, int, int] | None:
-        rss, anon, _threads = proc_rss(self.pid)
+        rss, anon, _threads = procfs.memory(self.pid)
         fds = procfs.fd_count(self.pid)
         if rss is None or fds is None:
             return None

@@ -9,18 +9,10 @@ so a caller waiting for a process to exit never trips over the exit itself.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
-__all__ = [
-    "cpu_seconds",
-    "fd_count",
-    "fd_targets",
-    "is_gone",
-    "parent_pid",
-    "stat_fields",
-    "state",
-    "status_kib",
-    "status_values",
-]
+__all__ = ["cpu_seconds", "fd_count", "fd_kinds", "fd_targets", "is_gone", "memory",
+           "parent_pid", "stat_fields", "state", "status_kib", "status_values"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _GONE_STATES = ("Z", "X")  # a zombie holds no resources: for waiting, it has exited
@@ -81,7 +73,20 @@ def status_values(pid: int | str) -> dict[str, str] | None:
 def status_kib(pid: int | str, key: str) -> int | None:
     """A ``kB`` (or plain count) field of ``/proc/PID/status`` such as ``VmRSS``,
     ``RssAnon`` or ``Threads``; None if the process or the field is gone."""
-    values = status_values(pid)
+    return _number(status_values(pid), key)
+
+
+def memory(pid: int | str | None) -> tuple[int | None, int | None, int | None]:
+    """Resident set size of ``pid`` in bytes, in all and its anonymous part, and its
+    thread count (None if it is gone). The anonymous part is what leaks show in: the rest
+    is shared guest memory (touched progressively as buffers are used) and mapped files."""
+    values = None if pid is None else status_values(pid)
+    rss, anon = _number(values, "VmRSS"), _number(values, "RssAnon")
+    return (None if rss is None else rss * 1024, None if anon is None else anon * 1024,
+            _number(values, "Threads"))
+
+
+def _number(values: dict[str, str] | None, key: str) -> int | None:
     value = None if values is None else values.get(key)
     return None if value is None else int(value.split()[0])
 
@@ -112,3 +117,9 @@ def fd_targets(pid: int | str | None) -> dict[str, str]:
         except OSError:
             continue
     return out
+
+
+def fd_kinds(pid: int | str | None) -> Counter[str]:
+    """What the open descriptors of ``pid`` are (socket, eventfd, memfd:…, a path),
+    counted."""
+    return Counter(target.split("[")[0] for target in fd_targets(pid).values())

@@ -81,24 +81,8 @@ RSS_NOISE_FLOOR = 1 * MiB
 
 
 # ==========================================================================================
-# Process measurements (/proc)
+# Process measurements (/proc, read by procfs)
 # ==========================================================================================
-
-
-def proc_rss(pid: int | None) -> tuple[int | None, int | None, int | None]:
-    """Resident set size of ``pid`` in bytes, in all and its anonymous part, and its
-    thread count (None if it is gone). The anonymous part is what leaks show in: the rest
-    is shared guest memory (touched progressively as buffers are used) and mapped files."""
-    if pid is None:
-        return None, None, None
-    rss, anon = procfs.status_kib(pid, "VmRSS"), procfs.status_kib(pid, "RssAnon")
-    return (None if rss is None else rss * 1024, None if anon is None else anon * 1024,
-            procfs.status_kib(pid, "Threads"))
-
-
-def proc_fd_kinds(pid: int | None) -> Counter[str]:
-    """What the open fds of ``pid`` are (socket, eventfd, memfd:…, a path), counted."""
-    return Counter(target.split("[")[0] for target in procfs.fd_targets(pid).values())
 
 
 @dataclass(frozen=True)
@@ -113,7 +97,7 @@ class ProcInfo:
 
     @classmethod
     def of(cls, pid: int | None) -> ProcInfo:
-        rss, anon, threads = proc_rss(pid)
+        rss, anon, threads = procfs.memory(pid)
         return cls(pid, rss, anon, procfs.fd_count(pid), threads)
 
 
@@ -966,11 +950,11 @@ def _debug_objects() -> dict[str, Any]:
                    "daemon_pid": t.daemon.pid if t.daemon is not None else None}
                   for t in gc.get_objects() if isinstance(t, VhostUserTransport)]
     out: dict[str, Any] = {"transports_before_gc": transports,
-                           "fd_kinds_before_gc": proc_fd_kinds(os.getpid()),
-                           "rss_before_gc": proc_rss(os.getpid())}
+                           "fd_kinds_before_gc": procfs.fd_kinds(os.getpid()),
+                           "rss_before_gc": procfs.memory(os.getpid())}
     out["collected"] = gc.collect()
-    out["fd_kinds_after_gc"] = proc_fd_kinds(os.getpid())
-    out["rss_after_gc"] = proc_rss(os.getpid())
+    out["fd_kinds_after_gc"] = procfs.fd_kinds(os.getpid())
+    out["rss_after_gc"] = procfs.memory(os.getpid())
     return out
 
 
@@ -1250,7 +1234,7 @@ def run_soak(config: SoakConfig, out: Any = sys.stderr) -> dict[str, Any]:
         for c in clients:
             c.prime()
         baseline = sampler.sample("baseline (clients connected, primed)")
-        fd_kinds = {name: proc_fd_kinds(pid) for name, pid in watch().items()}
+        fd_kinds = {name: procfs.fd_kinds(pid) for name, pid in watch().items()}
         say(f"soak: {n_local} in-process + {n_remote} remote clients, {config.duration:g} s, "
             f"server={config.server} pid={server.pid if server else None}, seed={seed}, "
             f"share {host}")
@@ -1454,7 +1438,7 @@ def _summarise(config: SoakConfig, clients: list[SoakClient], kills: list[dict[s
         checks[f"fds {name}"] = {"ok": now.fds <= info.fds, "baseline": info.fds,
                                  "end": now.fds, "same_process": now.pid == info.pid}
         if now.fds > info.fds and name in fd_kinds:
-            before, after_kinds = fd_kinds[name], proc_fd_kinds(now.pid)
+            before, after_kinds = fd_kinds[name], procfs.fd_kinds(now.pid)
             checks[f"fds {name}"]["extra"] = dict(after_kinds - before)
     if server is not None:
         key = f"server ({server.kind})"

@@ -30,6 +30,8 @@ def test_a_live_process_reads_as_running_with_its_parent_and_cpu(sleeper: Any) -
     assert cpu is not None and cpu >= 0
     assert (procfs.status_kib(sleeper.pid, "VmRSS") or 0) > 0
     assert procfs.status_kib(sleeper.pid, "Threads") == 1
+    rss, anon, threads = procfs.memory(sleeper.pid)
+    assert rss is not None and anon is not None and 0 < anon <= rss and threads == 1
 
 
 def test_a_stopped_process_reads_as_stopped(sleeper: Any) -> None:
@@ -52,6 +54,7 @@ def test_a_zombie_and_a_reaped_process_read_as_gone(sleeper: Any) -> None:
     assert procfs.parent_pid(sleeper.pid) is None
     assert procfs.status_values(sleeper.pid) is None
     assert procfs.fd_count(sleeper.pid) is None and procfs.fd_targets(sleeper.pid) == {}
+    assert procfs.memory(sleeper.pid) == (None, None, None) and not procfs.fd_kinds(sleeper.pid)
 
 
 class _ExitsBeforeRead(io.StringIO):
@@ -75,6 +78,7 @@ def test_descriptors_are_counted_and_named() -> None:
         assert procfs.fd_count(os.getpid()) == (before or 0) + 2
         targets = procfs.fd_targets(os.getpid())
         assert targets[str(r)].startswith("pipe:[") and targets[str(w)] == targets[str(r)]
+        assert procfs.fd_kinds(os.getpid())["pipe:"] >= 2
     finally:
         os.close(r)
         os.close(w)
