@@ -12,6 +12,12 @@ handshake, which are established and whose, and which are over a cap.
   so every connection is attributed to its tenant: the descriptor that just completed is the
   handshaking one that has sent the most (``sent(fd)``; where that cannot be told, the
   oldest handshaking one).
+* **expiry**: ZeroMQ drops a connection that has not completed its handshake within
+  ``handshake_timeout``, so a connection counted as handshaking for longer (plus
+  :data:`HANDSHAKE_SLACK`) is gone, or completed unseen: it no longer counts. The monitor
+  does not always report a connection accepted before it reports it gone: ZeroMQ starts the
+  connection on one of its I/O threads and reports it accepted from another, so a peer that
+  hangs up at once can be reported gone first, and its "accepted" then never ends.
 
 Plain books, no sockets: the ZAP thread reads the socket monitor's events, tells them
 here, asks what to shut down, and does it.
@@ -28,6 +34,10 @@ ATTRIBUTION_TIMEOUT = 1.0  # seconds an approved connection may take to complete
 # its queue of events to the gate is full: once the gate has found that queue empty this
 # long after an approval, with no completion, the connection is gone.
 ATTRIBUTION_SETTLE = 0.05
+# How much later than ZeroMQ's handshake timeout the gate may hear of a connection it
+# dropped (the gate hears of a connection after ZeroMQ started it, and of the drop through a
+# queue that a flood can fill).
+HANDSHAKE_SLACK = 1.0
 
 
 @dataclass
@@ -46,10 +56,13 @@ class ConnectionGate:
 
     def __init__(self, sent: Callable[[int], int | None], *,
                  max_connections: int | None = None,
-                 max_handshakes: int | None = None) -> None:
+                 max_handshakes: int | None = None,
+                 handshake_timeout: float | None = None) -> None:
         self.sent = sent
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
+        self._handshake_limit = (None if handshake_timeout is None
+                                 else handshake_timeout + HANDSHAKE_SLACK)
         self.shut_down = 0  # counted by whoever shuts them down
         self._handshaking: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._conns: dict[int, str | None] = {}  # descriptor -> tenant
@@ -89,6 +102,18 @@ class ConnectionGate:
             if self._per_tenant[tenant] <= 0:
                 del self._per_tenant[tenant]
 
+    def expire(self, now: float) -> None:
+        """Stop counting connections handshaking for longer than ZeroMQ allows (see the
+        module's doc)."""
+        if self._handshake_limit is None:
+            return
+        oldest = self._handshaking
+        while oldest:
+            fd, since = next(iter(oldest.items()))
+            if now - since <= self._handshake_limit:
+                break
+            del oldest[fd]
+
     def completed(self) -> int | None:
         """A connection finished its handshake: find which (returned), and whose it is
         (the tenant approved last, if any)."""
@@ -117,14 +142,15 @@ class ConnectionGate:
 
     def _just_completed(self) -> int | None:
         """The handshaking descriptor that has sent the most (the READY that ends a CURVE
-        handshake), or the oldest where that cannot be told (not TCP)."""
+        handshake), or the oldest where that cannot be told for any (not TCP; a number
+        whose connection is already closed cannot be told either, and is passed over)."""
         best, best_sent = None, -1
         for fd in self._handshaking:
             sent = self.sent(fd)
-            if sent is None:
-                return next(iter(self._handshaking))
-            if sent > best_sent:
+            if sent is not None and sent > best_sent:
                 best, best_sent = fd, sent
+        if best is None and self._handshaking:
+            return next(iter(self._handshaking))
         return best
 
     # -- what ZAP asks ------------------------------------------------------------------------

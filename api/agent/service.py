@@ -149,6 +149,7 @@ class Agent:
                                   limits=_zap_limits(self.tenants),
                                   max_connections=cfg.max_connections,
                                   max_handshakes=cfg.max_handshakes,
+                                  handshake_timeout=cfg.handshake_timeout,
                                   monitor=MONITOR_ENDPOINT).start()
             self.server = ShareServer(
                 list(cfg.bind), tenant_of=self.tenant_of, context=self.context,

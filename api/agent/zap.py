@@ -70,13 +70,15 @@ class ZapHandler:
     def __init__(self, context: zmq.Context[Any], keys: dict[bytes, str],
                  event: Callable[..., None], *, limits: dict[str, int | None] | None = None,
                  max_connections: int | None = None, max_handshakes: int | None = None,
+                 handshake_timeout: float | None = None,
                  monitor: str | None = None) -> None:
         self.context = context
         self.keys = keys
         self.limits = limits or {}
         self.event = event
         self.gate = ConnectionGate(_bytes_acked, max_connections=max_connections,
-                                   max_handshakes=max_handshakes)
+                                   max_handshakes=max_handshakes,
+                                   handshake_timeout=handshake_timeout)
         self.monitor_endpoint = monitor
         self.endpoints: list[str] = []
         self._stop = threading.Event()
@@ -126,6 +128,7 @@ class ZapHandler:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self.gate.expire(time.monotonic())
                 # The next ZAP request waits until the approved connection has completed.
                 awaiting = self.gate.awaiting(time.monotonic())
                 if not awaiting:

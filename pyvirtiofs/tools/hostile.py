@@ -262,6 +262,29 @@ class HalfOpenFlood:
         self.peers.clear()
 
 
+def hang_ups(endpoint: str, count: int, threads: int = 8) -> int:
+    """Plain TCP peers of ``endpoint`` that hang up (with a reset) as soon as they are
+    connected, ``count`` of them from ``threads`` threads at once; how many connected."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    connected = [0] * threads
+
+    def peers(i: int) -> None:
+        for _ in range(count // threads):
+            try:
+                s = socket.create_connection((host, int(port)), timeout=2)
+            except OSError:
+                continue
+            _abort(s)
+            connected[i] += 1
+
+    workers = [threading.Thread(target=peers, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(connected)
+
+
 def _abort(s: socket.socket) -> None:
     """Close a peer with a reset, as a flooder would: a plain close leaves its port in
     TIME_WAIT for a minute, and tens of thousands of them use up this host's ephemeral

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pyvirtiofs.api.agent.gate import (
     ATTRIBUTION_SETTLE,
     ATTRIBUTION_TIMEOUT,
+    HANDSHAKE_SLACK,
     ConnectionGate,
     GateStats,
 )
@@ -67,6 +68,17 @@ def test_the_oldest_completes_where_sent_bytes_cannot_be_told() -> None:
     assert gate.completed() == 12
 
 
+def test_a_closed_descriptor_is_passed_over_when_others_can_be_told() -> None:
+    """A number counted as handshaking whose connection is already closed (its sent bytes
+    cannot be told) is not the one that completed: a live one is."""
+    sent = Sent({10: None, 11: 300})
+    gate = ConnectionGate(sent)
+    for fd in (10, 11):
+        gate.accepted(fd, 0.0)
+    gate.approve("alice", None, 0.0)
+    assert gate.completed() == 11
+
+
 def test_a_tenant_over_its_cap_is_refused() -> None:
     gate = ConnectionGate(Sent(), max_connections=10)
     for fd in (10, 11):
@@ -116,3 +128,29 @@ def test_a_reused_number_replaces_the_old_connection() -> None:
     gate.completed()
     gate.accepted(10, 1.0)  # the old connection's close went unreported
     assert gate.stats() == GateStats(handshaking=1, connections=0, per_tenant={})
+
+
+def test_a_connection_reported_gone_before_accepted_stops_counting_after_the_timeout() -> None:
+    """ZeroMQ can report a connection gone before it reports it accepted (two I/O threads):
+    its handshake slot comes back once ZeroMQ's handshake timeout (and the slack) is over,
+    and not before; connections accepted later keep theirs."""
+    gate = ConnectionGate(Sent(), max_handshakes=2, handshake_timeout=2.0)
+    gate.gone(10)
+    gate.accepted(10, 1.0)  # never to be reported again
+    gate.accepted(11, 2.5)
+    assert gate.stats().handshaking == 2
+    gate.expire(1.0 + 2.0 + HANDSHAKE_SLACK)
+    assert gate.stats().handshaking == 2  # (not over yet)
+    gate.expire(1.0 + 2.0 + HANDSHAKE_SLACK + 0.01)
+    assert gate.stats().handshaking == 1
+    gate.accepted(12, 4.0)
+    assert gate.to_shut() == {}  # the slot is free again
+    gate.expire(10.0)
+    assert gate.stats().handshaking == 0
+
+
+def test_without_a_handshake_timeout_nothing_expires() -> None:
+    gate = ConnectionGate(Sent())
+    gate.accepted(10, 0.0)
+    gate.expire(1e9)
+    assert gate.stats().handshaking == 1

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from pyvirtiofs.actors import messages as m
+from pyvirtiofs.api.agent.gate import HANDSHAKE_SLACK
 from pyvirtiofs.api.agent.quota import measure
 from pyvirtiofs.api.agent.zap import GATE_BURST
 from pyvirtiofs.api.remote import wire
@@ -36,6 +37,7 @@ from pyvirtiofs.tools.hostile import (
     HalfOpenFlood,
     UnreadReplies,
     connection_flood,
+    hang_ups,
     log_flood,
     message_flood,
     signal_storm,
@@ -59,6 +61,7 @@ MAX_HANDSHAKES = 64
 TENANT_CONNECTIONS = 32
 QUOTA = 16 * MIB
 HALF_OPEN_PEERS = 20_000  # (bounded in count as well as in time)
+HANDSHAKE_TIMEOUT = 1.0
 
 TENANTS: dict[str, dict[str, Any]] = {
     "good": {},
@@ -79,7 +82,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with agent_site(tmp_path_factory, TENANTS, prepare,
                     settings={"bytes_in_flight": "320MiB", "log_rate": "8KiB",
                               "max_handshakes": MAX_HANDSHAKES, "max_connections": 256,
-                              "handshake_timeout": 1.0}) as site:
+                              "handshake_timeout": HANDSHAKE_TIMEOUT}) as site:
         yield site
 
 
@@ -394,6 +397,21 @@ def test_a_flood_of_half_open_peers_is_capped(site: Site, good: RemoteFS) -> Non
         assert peak <= base + MAX_HANDSHAKES + GATE_BURST
         assert conns["handshaking"] <= MAX_HANDSHAKES
     _fds_back(agent, base, "the peers' fds to be closed", before)
+    _good_works(site, good)
+
+
+def test_peers_that_hang_up_at_once_give_their_handshake_slots_back(site: Site,
+                                                                    good: RemoteFS) -> None:
+    """Thousands of peers that reset their connection as soon as it is accepted, many at
+    once. ZeroMQ reports some of them gone before it reports them accepted; none of them
+    may keep a handshake slot once the handshake timeout is over (a slot kept for good
+    would, in the end, leave every newcomer refused)."""
+    agent = site.agent
+    with _Prober(site, good):
+        connected = hang_ups(agent.endpoint, 4000)
+    assert connected > 0
+    wait_for(lambda: agent.status()["connections"]["handshaking"] == 0,
+             HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK + 10, "every handshake slot to be free")
     _good_works(site, good)
 
 
