@@ -128,9 +128,10 @@ class ZapHandler:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                self.gate.expire(time.monotonic())
+                now = time.monotonic()
+                self.gate.expire(now)
                 # The next ZAP request waits until the approved connection has completed.
-                awaiting = self.gate.awaiting(time.monotonic())
+                awaiting = self.gate.awaiting(now)
                 if not awaiting:
                     poller.register(sock, zmq.POLLIN)
                 else:

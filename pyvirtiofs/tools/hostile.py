@@ -226,8 +226,7 @@ class HalfOpenFlood:
     oldest first, and replaced."""
 
     def __init__(self, endpoint: str, *, per_round: int = 50, keep: int = 1500) -> None:
-        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
-        self.address = (host, int(port))
+        self.address = _tcp_address(endpoint)
         self.per_round, self.keep = per_round, keep
         self.peers: list[socket.socket] = []
         self.opened = 0
@@ -265,13 +264,13 @@ class HalfOpenFlood:
 def hang_ups(endpoint: str, count: int, threads: int = 8) -> int:
     """Plain TCP peers of ``endpoint`` that hang up (with a reset) as soon as they are
     connected, ``count`` of them from ``threads`` threads at once; how many connected."""
-    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    address = _tcp_address(endpoint)
     connected = [0] * threads
 
     def peers(i: int) -> None:
         for _ in range(count // threads):
             try:
-                s = socket.create_connection((host, int(port)), timeout=2)
+                s = socket.create_connection(address, timeout=2)
             except OSError:
                 continue
             _abort(s)
@@ -283,6 +282,12 @@ def hang_ups(endpoint: str, count: int, threads: int = 8) -> int:
     for w in workers:
         w.join()
     return sum(connected)
+
+
+def _tcp_address(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a ``tcp://host:port`` endpoint."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    return host, int(port)
 
 
 def _abort(s: socket.socket) -> None:
